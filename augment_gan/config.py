@@ -1,0 +1,160 @@
+"""Training configuration: one frozen dataclass, validated early, written into every checkpoint."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from augment_gan.errors import UserError
+
+RESOLUTIONS = (32, 64, 128, 256)
+LOSSES = ("hinge", "nonsaturating")
+FITS = ("center-crop", "pad", "resize")
+DIFFAUG_OPS = ("color", "translation", "cutout")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything needed to rebuild a training run; stored as JSON in every checkpoint."""
+
+    # Data.
+    resolution: int = 32
+    """Square output size in pixels: 32, 64, 128 or 256."""
+    fit: str = "center-crop"
+    """How non-square images become square: center-crop, pad or resize."""
+    background: tuple[int, int, int] = (255, 255, 255)
+    """RGB colour that transparent pixels are composited over."""
+    conditional: bool = True
+    """Class-conditional G and D when the folder has class subfolders."""
+
+    # Budget.
+    kimg: float | None = None
+    """Stop after this many thousand real images shown to D (global, all ranks)."""
+    minutes: float | None = 5.0
+    """Stop after this many wall-clock minutes of training (ignored when `kimg` is set)."""
+    batch_size: int = 64
+    """Global batch size (split across ranks under torchrun)."""
+    seed: int = 0
+
+    # Networks.
+    z_dim: int = 128
+    g_channels: int = 256
+    """Generator width at 4×4; halves every doubling of resolution, never below `min_channels`."""
+    d_channels: int = 64
+    """Discriminator width at full resolution; doubles every halving, capped at `max_channels`."""
+    min_channels: int = 32
+    max_channels: int = 256
+
+    # Optimisation. TTUR-style: D learns faster than G (Heusel et al. 2017; DiffAugment-CIFAR uses 2e-4 both).
+    loss: str = "hinge"
+    g_lr: float = 2e-4
+    d_lr: float = 2e-4
+    betas: tuple[float, float] = (0.0, 0.99)
+    r1_gamma: float = 0.0
+    """R1 penalty weight on reals; 0 disables it (D already uses spectral normalisation)."""
+    ema_kimg: float = 2.5
+    """Half-life of the EMA generator in kimg (StyleGAN2-ADA uses 10 at 256px+; short CPU runs need less)."""
+    ema_rampup: float = 0.05
+    """EMA half-life is at most `ema_rampup` × kimg so far, so early samples are not stuck at init."""
+
+    # Self-supervised constraints (each 0 disables it).
+    rotation_d_weight: float = 1.0
+    """D predicts the rotation (0/90/180/270°) of real images (SSGAN, Chen et al. 2019: 1.0)."""
+    rotation_g_weight: float = 0.2
+    """G is rewarded when D can tell the rotation of its fakes (SSGAN: 0.2)."""
+    completion_weight: float = 1.0
+    """D's features reconstruct a masked region of real images, loss ½‖x̄ − x̂‖² on the region."""
+    encoder_weight: float = 1.0
+    """Train the VAE-style latent encoder E (used by `vary`); E's loss never changes G or D."""
+    encoder_kl_weight: float = 0.01
+    selfsup_fraction: float = 0.5
+    """Share of each batch that the self-supervised passes use (they cost an extra D forward)."""
+
+    # Differentiable augmentation of D's inputs (DiffAugment, Zhao et al. 2020) with adaptive p (ADA, Karras et al. 2020).
+    diffaug: tuple[str, ...] = DIFFAUG_OPS
+    ada_target: float = 0.6
+    """Target of r_t = E[sign(D(real))]; above it D overfits and p rises (ADA paper: 0.6)."""
+    ada_kimg: float = 20.0
+    """p can move from 0 to 1 within this many kimg (ADA uses 500; CPU runs are ~100 kimg long)."""
+    ada_interval: int = 4
+    ada_p_init: float = 0.0
+    ada_p_max: float = 0.8
+    fixed_p: float | None = None
+    """Use this constant augmentation probability instead of adapting it."""
+
+    # Bookkeeping.
+    checkpoint_minutes: float = 10.0
+    """Save a checkpoint (and sample grid) every this many minutes, and always at the end."""
+    log_every: int = 20
+    """Write a JSONL log line every this many steps."""
+    grid_size: int = 8
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.resolution not in RESOLUTIONS:
+            raise UserError(f"resolution must be one of {RESOLUTIONS}, got {self.resolution}")
+        if self.fit not in FITS:
+            raise UserError(f"fit must be one of {FITS}, got {self.fit!r}")
+        if self.loss not in LOSSES:
+            raise UserError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.kimg is None and self.minutes is None:
+            raise UserError("set a training budget: --kimg or --minutes")
+        if self.kimg is not None and self.kimg <= 0:
+            raise UserError(f"kimg must be positive, got {self.kimg}")
+        if self.minutes is not None and self.minutes <= 0:
+            raise UserError(f"minutes must be positive, got {self.minutes}")
+        if self.batch_size < 2:
+            raise UserError(f"batch size must be at least 2, got {self.batch_size}")
+        unknown = set(self.diffaug) - set(DIFFAUG_OPS)
+        if unknown:
+            raise UserError(f"unknown diffaug ops {sorted(unknown)}; choose from {DIFFAUG_OPS}")
+        if not 0 < self.selfsup_fraction <= 1:
+            raise UserError(f"selfsup_fraction must be in (0, 1], got {self.selfsup_fraction}")
+        if self.fixed_p is not None and not 0 <= self.fixed_p <= 1:
+            raise UserError(f"fixed_p must be in [0, 1], got {self.fixed_p}")
+        for name in ("rotation_d_weight", "rotation_g_weight", "completion_weight", "encoder_weight",
+                     "encoder_kl_weight", "r1_gamma", "g_lr", "d_lr"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Build a config from a mapping; unknown keys are an error, lists become tuples."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"unknown config keys: {', '.join(unknown)}")
+        clean = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        try:
+            return cls(**clean)
+        except TypeError as exc:
+            raise UserError(f"bad config: {exc}") from None
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file (safe-loaded) into a dict of TrainConfig overrides."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of TrainConfig fields")
+    return data
