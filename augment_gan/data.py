@@ -36,6 +36,7 @@ from augment_gan.errors import UserError
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
+    "CHANNELS",
     "FITS",
     "IMAGE_EXTENSIONS",
     "RESOLUTIONS",
