@@ -166,7 +166,7 @@ def scan_folder(root: str | os.PathLike) -> FolderScan:
     """List the candidate image files under `root` (recursive) and decide the label layout.
 
     Hidden files and folders (name starts with ".") are ignored, as are files whose extension is not
-    in `IMAGE_EXTENSIONS`. Symlinked files are followed; symlinked folders are not (no cycles).
+    in `IMAGE_EXTENSIONS`. Symbolic links are followed; a folder reached twice is listed once.
     Raises `UserError` when `root` does not exist or is not a folder.
     """
     root = Path(root).expanduser()
@@ -185,8 +185,18 @@ def scan_folder(root: str | os.PathLike) -> FolderScan:
         rel = Path(err.filename).resolve().relative_to(root).as_posix() if err.filename else "?"
         unlistable.append((rel, f"cannot list folder: {err.strerror or err}"))
 
-    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+    # Symlinked folders are followed, as torchvision's ImageFolder does (a class folder is often a
+    # link to elsewhere); a folder already visited under another name is not entered twice, which
+    # also stops link cycles.
+    seen = {os.path.realpath(root)}
+    for dirpath, dirnames, filenames in os.walk(root, onerror=on_error, followlinks=True):
+        kept = []
+        for d in sorted(d for d in dirnames if not _is_hidden(d)):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real not in seen:
+                seen.add(real)
+                kept.append(d)
+        dirnames[:] = kept
         reldir = Path(dirpath).relative_to(root).as_posix()
         for name in filenames:
             if _is_hidden(name):

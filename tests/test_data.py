@@ -165,6 +165,20 @@ def test_class_names_sort_like_torchvision(shared_data, tmp_path):
     assert len(scan.files) == 12 and all(scan.classes[l] == f.split("/")[0] for l, f in zip(scan.labels, scan.files))
 
 
+def test_symlinked_class_folders_are_followed_without_cycles(shared_data, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for file in sorted((shared_data / "mnist" / "4").iterdir())[:3]:
+        shutil.copy2(file, elsewhere / file.name)
+    root = tmp_path / "root"
+    (root / "real").mkdir(parents=True)
+    shutil.copy2(elsewhere / sorted(os.listdir(elsewhere))[0], root / "real" / "one.png")
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (root / "real" / "loop").symlink_to(root, target_is_directory=True)  # a cycle back to the root
+    scan = scan_folder(root)
+    assert scan.classes == ["linked", "real"] and len(scan.files) == 4
+
+
 def test_flat_and_mixed_folders_are_unlabeled(shared_data, tmp_path, capsys):
     digit = sorted((shared_data / "mnist" / "7").iterdir())[0]
     (tmp_path / "flat").mkdir()
