@@ -123,13 +123,19 @@ def allowed_transforms() -> dict[str, type]:
 
 
 def _one_line(exc: BaseException) -> str:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):  # pydantic ValidationError: name the parameter and the reason
-        try:
-            items = errors()
-            return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in items[:3])
-        except Exception:  # noqa: BLE001 - fall back to the plain message
-            pass
+    # albumentations re-raises pydantic's ValidationError as a multi-line ValueError; the structured
+    # errors are on the cause. Name each bad parameter once, with its first complaint.
+    for candidate in (exc, exc.__cause__, exc.__context__):
+        errors = getattr(candidate, "errors", None)
+        if callable(errors):
+            try:
+                by_field: dict[str, str] = {}
+                for error in errors():
+                    field = str(error["loc"][0]) if error["loc"] else "value"
+                    by_field.setdefault(field, error["msg"])
+                return "; ".join(f"{field}: {msg}" for field, msg in by_field.items())
+            except Exception:  # noqa: BLE001 - fall back to the plain message
+                break
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
 
