@@ -1,15 +1,15 @@
 """Choosing the torch device: `auto` picks CUDA, then MPS, then the CPU; nothing is checked at import."""
 from __future__ import annotations
 
-import torch
-
 from augment_gan.errors import UserError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = "auto") -> "torch.device":
     """Return a usable `torch.device` for `name` (auto|cpu|cuda|cuda:N|mps), or raise `UserError`."""
+    import torch  # imported here so that CLI modules can read DEVICE_CHOICES without loading torch
+
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -4,6 +4,6 @@
 class UserError(Exception):
     """Misuse or bad input the user can fix (missing folder, bad option, corrupt checkpoint).
 
-    The CLI prints ``error: <message>`` on stderr and exits with status 2. Library callers get an
+    The CLI prints ``Error: <message>`` on stderr and exits with status 1. Library callers get an
     ordinary exception with the same one-line message.
     """

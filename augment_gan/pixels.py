@@ -20,7 +20,8 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def hwc_to_nchw(images: np.ndarray) -> torch.Tensor:
     """uint8 numpy N×H×W×C (or H×W×C) -> uint8 tensor N×C×H×W (a copy, safe for memmaps)."""
-    array = np.ascontiguousarray(images)
+    # np.require copies read-only memmaps (torch refuses to wrap non-writable arrays) and nothing else.
+    array = np.require(images, dtype=np.uint8, requirements=["C", "W"])
     if array.ndim == 3:
         array = array[None]
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()

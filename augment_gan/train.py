@@ -411,7 +411,8 @@ def _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank,
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             bar.n = nimg / 1000
-            bar.refresh() if step % 10 == 0 else None
+            if step % 10 == 0:
+                bar.refresh()
             if step % config.log_every == 0:
                 now = time.monotonic()
                 record = {"step": step, "kimg": round(nimg / 1000, 4),

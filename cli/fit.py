@@ -1,8 +1,84 @@
-"""`augment-gan fit` (placeholder until its issue lands)."""
+"""`augment-gan fit`: train a GAN on an image folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
 import click
+from click.core import ParameterSource
+
+from augment_gan.config import RESOLUTIONS
+from augment_gan.device import DEVICE_CHOICES
+
+# Options that map 1:1 onto TrainConfig fields.
+_CONFIG_OPTIONS = {"resolution": "resolution", "minutes": "minutes", "kimg": "kimg", "batch_size": "batch_size",
+                   "seed": "seed", "fit_mode": "fit", "checkpoint_minutes": "checkpoint_minutes"}
 
 
 @click.command("fit")
-def command() -> None:
-    """Not built yet."""
-    raise click.ClickException("fit is not built yet")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help="Run directory (default: runs/<folder name>).")
+@click.option("--resolution", type=click.Choice([str(r) for r in RESOLUTIONS]), default="32", show_default=True,
+              callback=lambda c, p, v: int(v), help="Square training resolution.")
+@click.option("--minutes", type=float, default=5.0, show_default=True, help="Wall-clock training budget.")
+@click.option("--kimg", type=float, default=None, help="Budget in thousands of real images shown (overrides --minutes).")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Global batch size.")
+@click.option("--device", type=str, default="auto", show_default=True, help=f"One of {', '.join(DEVICE_CHOICES)} or cuda:N.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the latest checkpoint in --out exactly where it stopped.")
+@click.option("--unconditional", is_flag=True, help="Ignore class subfolders.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="YAML file of TrainConfig fields (command-line options win).")
+@click.option("--fit", "fit_mode", type=click.Choice(["center-crop", "pad", "resize"]), default="center-crop",
+              show_default=True, help="How non-square images become square.")
+@click.option("--checkpoint-minutes", type=float, default=10.0, show_default=True)
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Where decoded images are cached (default: RUN/cache).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def command(ctx: click.Context, folder: Path, out: Path | None, device: str, resume: bool, unconditional: bool,
+            config_file: Path | None, cache_dir: Path | None, quiet: bool, **options) -> None:
+    """Train a generator and discriminator on the images in FOLDER.
+
+    Class subfolders (the torchvision ImageFolder layout) make the model class-conditional. Writes
+    checkpoints (safetensors + JSON), sample grids, log.jsonl and config.json into the run directory.
+
+    \b
+    Examples:
+      augment-gan fit examples/digits --out runs/digits --minutes 2
+      augment-gan fit ./photos --resolution 64 --kimg 200 --device cuda
+      augment-gan fit examples/digits --out runs/digits --resume --minutes 10
+      torchrun --nproc_per_node 2 -m augment_gan fit examples/digits --out runs/ddp
+    """
+    from augment_gan.checkpoint import config_from_meta, list_checkpoints, read_meta
+    from augment_gan.config import TrainConfig, load_config_file
+    from augment_gan.errors import UserError
+    from augment_gan.train import fit
+
+    out = out if out is not None else Path("runs") / (folder.resolve().name or "run")
+    given = {name: value for name, value in options.items()
+             if ctx.get_parameter_source(name) != ParameterSource.DEFAULT}
+    if "kimg" in given:
+        given["minutes"] = None
+    if resume:
+        found = list_checkpoints(out)
+        if not found:
+            raise UserError(f"--resume: {out} has no checkpoint to resume from")
+        base = config_from_meta(read_meta(found[-1])).to_dict()
+        if config_file is not None:
+            raise UserError("--resume takes the run's saved config; --config cannot change it")
+    else:
+        base = {_CONFIG_OPTIONS[k]: v for k, v in options.items()}
+        if base["kimg"] is not None:
+            base["minutes"] = None
+        if config_file is not None:
+            file_values = load_config_file(config_file)
+            base.update(file_values)
+            if "kimg" in file_values and "minutes" not in file_values:
+                base["minutes"] = None
+        if unconditional:
+            base["conditional"] = False
+    base.update({_CONFIG_OPTIONS[k]: v for k, v in given.items()})
+    config = TrainConfig.from_dict(base)
+    path = fit(folder, config, out, resume=resume, device=device, cache_dir=cache_dir, progress=not quiet)
+    click.echo(str(path))

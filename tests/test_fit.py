@@ -1,0 +1,192 @@
+"""End-to-end behaviour of `fit`: outputs, exact resume, lock, NaN stop, conditioning, CLI, DDP, signals."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from augment_gan import losses
+from augment_gan.checkpoint import list_checkpoints, load_checkpoint
+from augment_gan.cli import app
+from augment_gan.config import TrainConfig
+from augment_gan.errors import UserError
+from augment_gan.models import build_networks
+from augment_gan.train import Interrupted, TrainingDiverged, _run_lock, fit
+
+# Small networks keep each step a few milliseconds on a CPU.
+TINY = dict(resolution=32, batch_size=8, g_channels=32, d_channels=8, min_channels=8, max_channels=32,
+            z_dim=16, log_every=2, ada_interval=1, ada_kimg=0.5, minutes=None)
+
+
+@pytest.fixture(scope="module")
+def digits(shared_data, tmp_path_factory) -> Path:
+    """Three digit classes, 16 real MNIST images each."""
+    root = tmp_path_factory.mktemp("digits")
+    for d in ("0", "1", "7"):
+        (root / d).mkdir()
+        for f in sorted((shared_data / "mnist" / d).iterdir())[:16]:
+            shutil.copy(f, root / d / f.name)
+    return root
+
+
+def _all_state(run: Path) -> dict[str, torch.Tensor]:
+    ckpt = list_checkpoints(run)[-1]
+    state = load_file(ckpt)
+    state.update(load_file(ckpt.with_name(ckpt.name.replace(".safetensors", ".state.safetensors"))))
+    return state
+
+
+def test_fit_writes_checkpoint_grid_log_and_config(digits, tmp_path):
+    run = tmp_path / "run"
+    path = fit(digits, TrainConfig(kimg=0.032, **TINY), run, device="cpu", progress=False)
+    assert path == list_checkpoints(run)[-1]
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["classes"] == ["0", "1", "7"] and meta["conditional"] and meta["channels"] == 1
+    assert meta["step"] == 4 and meta["nimg"] == 32 and 0 <= meta["ada"]["p"] <= 1
+    assert meta["config"]["batch_size"] == 8 and meta["package_version"]
+    assert (run / "grids" / "grid-00000004.png").exists() and (run / "config.json").exists()
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    for key in ("kimg", "time_s", "img_per_s", "p", "rt", "loss_d", "loss_g", "loss_rot_d", "loss_rot_g",
+                "loss_completion", "loss_encoder"):
+        assert key in records[-1]
+    ckpt = load_checkpoint(run)
+    img = ckpt.G_ema(torch.randn(3, 16), torch.tensor([0, 1, 2]))
+    assert img.shape == (3, 1, 32, 32)
+
+
+def test_resume_ends_bitwise_where_an_uninterrupted_run_ends(digits, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    fit(digits, TrainConfig(kimg=0.096, **TINY), straight, device="cpu", progress=False)
+    fit(digits, TrainConfig(kimg=0.040, **TINY), split, device="cpu", progress=False)
+    fit(digits, TrainConfig(kimg=0.096, **TINY), split, device="cpu", progress=False, resume=True)
+    a, b = _all_state(straight), _all_state(split)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert different == []
+    meta = json.loads(list_checkpoints(split)[-1].with_suffix(".json").read_text())
+    assert meta["step"] == 12 and meta["ada"] == json.loads(
+        list_checkpoints(straight)[-1].with_suffix(".json").read_text())["ada"]
+
+
+def test_resume_refuses_a_changed_config_and_fresh_runs_refuse_to_overwrite(digits, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match="nothing|no checkpoint"):
+        fit(digits, TrainConfig(kimg=0.016, **TINY), run, device="cpu", progress=False, resume=True)
+    fit(digits, TrainConfig(kimg=0.016, **TINY), run, device="cpu", progress=False)
+    with pytest.raises(UserError, match="already holds a run"):
+        fit(digits, TrainConfig(kimg=0.016, **TINY), run, device="cpu", progress=False)
+    with pytest.raises(UserError, match="seed differ"):
+        fit(digits, TrainConfig(kimg=0.032, **{**TINY, "seed": 1}), run, device="cpu", progress=False, resume=True)
+
+
+def test_a_locked_run_directory_is_refused(digits, tmp_path):
+    run = tmp_path / "run"
+    with _run_lock(run):
+        with pytest.raises(UserError, match="in use by another"):
+            fit(digits, TrainConfig(kimg=0.016, **TINY), run, device="cpu", progress=False)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(digits, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    fit(digits, TrainConfig(kimg=0.016, **TINY), run, device="cpu", progress=False)
+    good = _all_state(run)
+    calls = {"n": 0}
+    real_g_loss = losses.g_loss
+
+    def poisoned(logits, kind="hinge"):
+        calls["n"] += 1
+        out = real_g_loss(logits, kind)
+        return out * float("nan") if calls["n"] >= 2 else out
+
+    monkeypatch.setattr(losses, "g_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"G loss became NaN/inf at step 3.*ckpt-00000002"):
+        fit(digits, TrainConfig(kimg=0.2, **TINY), run, device="cpu", progress=False, resume=True)
+    assert len(list_checkpoints(run)) == 1
+    after = _all_state(run)
+    assert all(torch.equal(good[k], after[k]) for k in good)
+
+
+def test_unconditional_flag_and_unlabeled_folders_train_without_classes(digits, tmp_path):
+    run = tmp_path / "run"
+    fit(digits, TrainConfig(kimg=0.016, conditional=False, **TINY), run, device="cpu", progress=False)
+    ckpt = load_checkpoint(run)
+    assert ckpt.num_classes == 0 and ckpt.G_ema.embed is None and ckpt.D.project is None
+    assert ckpt.G_ema(torch.randn(2, 16)).shape == (2, 1, 32, 32)
+
+
+def test_cli_fit_and_its_one_line_errors(digits, tmp_path):
+    runner = CliRunner()
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["fit", str(digits), "--out", str(run), "--kimg", "0.016", "--batch-size", "8", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip().endswith("ckpt-00000002.safetensors")
+    res = runner.invoke(app, ["fit", str(digits), "--out", str(run), "--kimg", "0.016"])
+    assert res.exit_code != 0 and "already holds a run" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["fit", str(digits), "--out", str(run), "--resume", "--seed", "3"])
+    assert res.exit_code != 0 and "seed differ" in res.output
+    res = runner.invoke(app, ["fit", str(tmp_path / "missing"), "--out", str(tmp_path / "r2")])
+    assert res.exit_code != 0 and "not found" in res.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 1\n")
+    res = runner.invoke(app, ["fit", str(digits), "--out", str(tmp_path / "r3"), "--config", str(bad)])
+    assert res.exit_code != 0 and "unknown config keys: learning_rate" in res.output
+
+
+def _subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_sigint_saves_a_checkpoint_that_resumes(digits, tmp_path):
+    run = tmp_path / "run"
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(json.dumps({k: v for k, v in TINY.items() if k != "minutes"}))
+    proc = subprocess.Popen([sys.executable, "-m", "augment_gan", "fit", str(digits), "--out", str(run),
+                             "--config", str(cfg), "--minutes", "5", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_subprocess_env())
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "log.jsonl").exists() and (run / "log.jsonl").read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "interrupted at kimg" in err and "Traceback" not in err
+    saved = list_checkpoints(run)
+    assert len(saved) == 1
+    step = json.loads(saved[0].with_suffix(".json").read_text())["step"]
+    fit(digits, TrainConfig(kimg=(step + 2) * 8 / 1000, **TINY), run, device="cpu", progress=False, resume=True)
+    assert json.loads(list_checkpoints(run)[-1].with_suffix(".json").read_text())["step"] == step + 2
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process_at_the_same_global_batch(digits, tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(json.dumps({k: v for k, v in TINY.items() if k != "minutes"}))
+    common = ["fit", str(digits), "--config", str(cfg), "--kimg", "0.048", "--quiet", "--device", "cpu"]
+    single = subprocess.run([sys.executable, "-m", "augment_gan", *common, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, env=_subprocess_env(), timeout=300)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", "-m", "augment_gan", *common, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=_subprocess_env(), timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = load_file(list_checkpoints(tmp_path / "one")[-1]), load_file(list_checkpoints(tmp_path / "two")[-1])
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
+    assert worst < 1e-3, worst
+    # The match is not trivial: training moved the weights away from their initialisation.
+    torch.manual_seed(0)
+    g_init, _, _ = build_networks(TrainConfig(**TINY, kimg=1), channels=1, num_classes=3)
+    assert not torch.allclose(a["G.to_rgb.weight"], g_init.to_rgb.weight, atol=1e-3)
