@@ -1,8 +1,64 @@
-"""`augment-gan merge` (placeholder until its issue lands)."""
+"""`augment-gan merge`: write real + synthetic images, augmented by a recipe, as one ImageFolder on disk."""
+from __future__ import annotations
+
+import json
+
 import click
+
+from augment_gan.cli.inspect import parse_background
+
+_RESOLUTIONS = ("8", "16", "32", "64", "128", "256")
 
 
 @click.command("merge")
-def command() -> None:
-    """Not built yet."""
-    raise click.ClickException("merge is not built yet")
+@click.option("--real", "real", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="Real image folder (class subfolders, as for ImageFolder).")
+@click.option("--synthetic", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="Folder written by `augment-gan synth` (optional: without it, real images only).")
+@click.option("--recipe", default="standard", show_default=True,
+              help="Recipe name (see `augment-gan recipes list`) or path to a recipe YAML file.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="Output folder; must be empty or a previous merge output (with --overwrite).")
+@click.option("--copies", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Augmented copies of each real image.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the augmentations and the synthetic draw.")
+@click.option("--overwrite", is_flag=True, help="Replace a previous merge output in --out.")
+@click.option("--resolution", type=click.Choice(_RESOLUTIONS), default=None,
+              help="Output side length [default: the synthetic images' size, else 64].")
+@click.option("--fit", type=click.Choice(["center-crop", "pad", "resize"]), default="center-crop", show_default=True,
+              help="How non-square real images become square.")
+@click.option("--background", default="white", show_default=True, callback=parse_background,
+              help="Colour behind transparent pixels and padding (name, #rrggbb or R,G,B).")
+@click.option("--channels", type=click.Choice(["auto", "gray", "rgb"]), default="auto", show_default=True,
+              help="auto = grayscale when every real image is grayscale, else RGB.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary (merge.json) as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def command(real, synthetic, recipe, out, copies, seed, overwrite, resolution, fit, background, channels,
+            as_json, quiet) -> None:
+    """Write a merged, augmented ImageFolder for training tools outside Python.
+
+    Every real image is written COPIES times, each augmented by the recipe's real pipeline; synthetic
+    images are added in the recipe's real:synthetic ratio, augmented by its synthetic pipeline. All
+    images get one size and channel count. OUT/merge.json records the settings, OUT/merge.jsonl where
+    each image came from and its augmentation seed.
+
+    \b
+    Example:
+      augment-gan merge --real examples/digits --synthetic synthetic/digits \\
+          --recipe standard --copies 4 --out merged/digits
+    """
+    from augment_gan.merge import merge_folders
+
+    summary = merge_folders(real, synthetic, out, recipe, copies=copies, seed=seed, overwrite=overwrite,
+                            resolution=int(resolution) if resolution else None, fit=fit,
+                            background=tuple(background), channels=channels, progress=not quiet)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    counts = summary["counts"]
+    click.echo(f"wrote {counts['total']:,} images to {out}: {counts['real_images']:,} real × {copies} "
+               f"= {counts['real']:,} real, {counts['synthetic']:,} synthetic "
+               f"(recipe {summary['recipe']}, synthetic ratio {summary['synthetic_ratio']:g})")
+    for name, per in sorted(counts["per_class"].items()):
+        if name:
+            click.echo(f"  {name:<16} {per['real']:>7,} real  {per['synthetic']:>7,} synthetic")

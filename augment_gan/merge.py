@@ -1,0 +1,232 @@
+"""Merge real and synthetic images into one augmented ImageFolder on disk, for tools outside Python.
+
+The output holds `copies` augmented versions of every real image (the recipe's real pipeline) plus
+synthetic images in the recipe's real:synthetic ratio (its synthetic pipeline), all at one resolution
+and channel count so any trainer can read the folder as is:
+
+    OUT/<class>/real-<i:06d>-<copy>.png       i = index of the real image in the sorted folder
+    OUT/<class>/synth-<index:06d>-<pass>.png  index = the synth manifest index; pass > 0 only on reuse
+    OUT/merge.json                             run-level settings and counts (written first, then final)
+    OUT/merge.jsonl                            one line per output image: where it came from, its seed
+
+Every output image is a function of (source image, recipe, seed, its name), so a re-run with the same
+arguments writes the same bytes. Files are written atomically; nothing is written outside OUT, and a
+non-empty OUT is replaced only with `overwrite` and only when it holds a previous merge (merge.json).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from augment_gan import __version__
+from augment_gan.errors import UserError
+
+# What `overwrite` may delete: only names this module writes.
+_OUTPUT_NAME = re.compile(r"^(real|synth)-\d{6,}-\d+\.png$")
+_REAL, _SYNTHETIC = 0, 1
+
+
+def _atomic_write(path: Path, data: bytes, durable: bool = False) -> None:
+    # Temporary name in the same folder, then a rename: readers never see a partial file. Images skip
+    # fsync (thousands of small files); merge.json, which marks a finished merge, is synced.
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _check_out(out: Path, overwrite: bool) -> bool:
+    """Refuse an unusable OUT before any work; returns True when a previous merge must be cleared."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if not (out.is_dir() and any(out.iterdir())):
+        return False
+    if not overwrite:
+        raise UserError(f"{out} is not empty; pass --overwrite to replace a previous merge there")
+    if not (out / "merge.json").is_file():
+        raise UserError(f"{out} is not empty and holds no merge.json, so it is not a previous merge output; "
+                        "refusing to delete anything there (choose another --out)")
+    return True
+
+
+def _clear_out(out: Path) -> None:
+    """Delete a previous merge: only names this module writes; anything else the user put there stays."""
+    for folder in [out, *(p for p in out.iterdir() if p.is_dir() and not p.is_symlink())]:
+        for file in folder.iterdir():
+            if _OUTPUT_NAME.match(file.name) and (file.is_file() or file.is_symlink()):
+                file.unlink()
+        if folder != out and not any(folder.iterdir()):
+            folder.rmdir()
+    for name in ("merge.json", "merge.jsonl"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _seed(seed: int, kind: int, index: int, copy: int) -> int:
+    """Augmentation seed of one output image: independent of the order images are processed in."""
+    return int(np.random.SeedSequence([seed, kind, index, copy]).generate_state(1)[0])
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    """uint8 H×W×C (C = 1 or 3) -> PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def merge_folders(real: str | os.PathLike, synthetic: str | os.PathLike | None, out: str | os.PathLike,
+                  recipe: str | os.PathLike = "standard", *, copies: int = 1, seed: int = 0,
+                  overwrite: bool = False, resolution: int | None = None, fit: str = "center-crop",
+                  background: tuple[int, int, int] = (255, 255, 255), channels: str = "auto",
+                  progress: bool = True) -> dict[str, Any]:
+    """Write the merged, augmented ImageFolder to `out`; returns the summary also saved as merge.json.
+
+    `resolution` defaults to the synthetic images' size (else 64); real images are read with
+    `augment_gan.data` (`fit`, `background`, `channels`) and synthetic ones follow the real set's
+    channel count. The number of synthetic outputs is round(ratio / (1 - ratio) × real outputs), with
+    ratio from the recipe's mix section; synthetic images are used without repeats first, and reused
+    (with a different augmentation, pass > 0) only when the set is too small.
+    """
+    from tqdm import tqdm
+
+    from augment_gan.data import RESOLUTIONS, ReadOptions, load_folder, read_image, scan_folder
+    from augment_gan.datasets import SyntheticImageFolder
+    from augment_gan.recipes import load_recipe
+
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+        raise UserError(f"copies must be a positive integer, got {copies!r}")
+    real_root, out = Path(real).expanduser().resolve(), Path(out).expanduser().resolve()
+    synth_root = Path(synthetic).expanduser().resolve() if synthetic is not None else None
+    for name, source in (("--real", real_root), ("--synthetic", synth_root)):
+        if source is not None and (_inside(out, source) or _inside(source, out)):
+            raise UserError(f"--out {out} and {name} {source} must not contain each other")
+    clear = _check_out(out, overwrite)
+
+    real_recipe = load_recipe(recipe, part="real")
+    synth_recipe = load_recipe(recipe, part="synthetic")
+    if synth_root is not None and not real_recipe.use_synthetic:
+        print(f"recipe {real_recipe.name} does not use synthetic images (mix.use_synthetic: false); "
+              "ignoring --synthetic", file=sys.stderr)
+        synth_root = None
+
+    # Check the classes before decoding anything: a mismatch is the synthetic dataset's clear error.
+    scan = scan_folder(real_root)
+    labeled = scan.layout == "classes"
+    synth_set = None
+    if synth_root is not None:
+        with warnings.catch_warnings(record=True) as caught:  # plain lines on stderr, like data.py's
+            warnings.simplefilter("always")
+            synth_set = SyntheticImageFolder(synth_root, loader=lambda p: p,
+                                             class_to_idx={c: i for i, c in enumerate(scan.classes)} if labeled else None)
+        for warning in caught:
+            print(f"warning: {warning.message}", file=sys.stderr)
+        if synth_set.classes and not labeled:
+            raise UserError(f"{real_root} has no class folders but the synthetic set has classes; "
+                            "merge a labeled real folder, or unconditional synthetic images")
+        if len(synth_set) == 0:
+            raise UserError(f"{synth_root} has no kept synthetic images")
+        if resolution is None:
+            with Image.open(synth_set.samples[0][0]) as first:  # header only
+                size = first.size
+            if size[0] != size[1] or size[0] not in RESOLUTIONS:
+                raise UserError(f"the synthetic images are {size[0]}×{size[1]}; pass --resolution "
+                                f"({', '.join(map(str, RESOLUTIONS))})")
+            resolution = size[0]
+    options = ReadOptions(resolution=resolution or ReadOptions.resolution, fit=fit, background=background,
+                          channels=channels)
+    real_set = load_folder(real_root, options, progress=progress)
+    labeled = real_set.labels is not None
+    # Synthetic images follow the real set's channel count (a generator trained on it has the same).
+    synth_options = ReadOptions(resolution=options.resolution, fit=fit, background=background,
+                                channels="gray" if real_set.channels == 1 else "rgb")
+
+    n_real_out = len(real_set) * copies
+    ratio = real_recipe.ratio if synth_set is not None else 0.0
+    n_synth_out = round(ratio / (1 - ratio) * n_real_out) if ratio else 0
+
+    # Plan every output before writing anything: (kind, source index, copy/pass, relative name, class).
+    plan: list[tuple[int, int, int, str, str | None]] = []
+    for i in range(len(real_set)):
+        cls = real_set.classes[real_set.labels[i]] if labeled else None
+        for k in range(copies):
+            name = f"real-{i:06d}-{k}.png"
+            plan.append((_REAL, i, k, f"{cls}/{name}" if cls else name, cls))
+    if n_synth_out:
+        n_avail = len(synth_set)
+        rng = np.random.default_rng(np.random.SeedSequence([seed, _SYNTHETIC]))
+        passes = -(-n_synth_out // n_avail)
+        stream = np.concatenate([rng.permutation(n_avail) for _ in range(passes)])[:n_synth_out]
+        if passes > 1:
+            print(f"the synthetic set has {n_avail} images for {n_synth_out} synthetic outputs; "
+                  "reusing some with different augmentations", file=sys.stderr)
+        for j, s in enumerate(stream):
+            record = synth_set.records[s]
+            cls = record["class"]
+            name = f"synth-{int(record['index']):06d}-{j // n_avail}.png"
+            plan.append((_SYNTHETIC, int(s), j // n_avail, f"{cls}/{name}" if cls else name, cls))
+
+    if clear:
+        _clear_out(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {
+        "augment_gan_version": __version__, "complete": False,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "real": str(real_root), "synthetic": str(synth_root) if synth_root else None,
+        "recipe": real_recipe.name, "recipe_definition": real_recipe.to_dict(),
+        "seed": seed, "copies": copies, "synthetic_ratio": ratio,
+        "read_options": options.to_dict(), "channels": real_set.channels,
+        "classes": list(real_set.classes),
+    }
+    _atomic_write(out / "merge.json", (json.dumps(summary, indent=2) + "\n").encode(), durable=True)
+
+    lines = []
+    counts: dict[str, dict[str, int]] = {}
+    for kind, index, copy, rel, cls in tqdm(plan, desc="merge", unit="img", disable=not progress, file=sys.stderr):
+        target = out / rel
+        if cls is not None:
+            target.parent.mkdir(exist_ok=True)
+            if target.parent.is_symlink() or target.parent.resolve().parent != out:
+                raise UserError(f"refusing to write through {target.parent}: not a plain folder inside {out}")
+        aug_seed = _seed(seed, kind, index, copy)
+        if kind == _REAL:
+            pixels, recipe_part, origin = np.array(real_set.images[index]), real_recipe, real_set.files[index]
+        else:
+            path = synth_set.samples[index][0]
+            pixels, recipe_part = read_image(path, synth_options), synth_recipe
+            origin = synth_set.records[index]["file"]
+        recipe_part.reseed(aug_seed)
+        _atomic_write(target, _png(recipe_part.augment(pixels)))
+        source = "real" if kind == _REAL else "synthetic"
+        lines.append(json.dumps({"file": rel, "source": source, "origin": origin, "class": cls,
+                                 "copy": copy, "seed": aug_seed}))
+        per = counts.setdefault(cls if cls is not None else "", {"real": 0, "synthetic": 0})
+        per[source] += 1
+
+    _atomic_write(out / "merge.jsonl", ("\n".join(lines) + "\n").encode() if lines else b"", durable=True)
+    summary.update(complete=True, counts={
+        "real_images": len(real_set), "real": n_real_out, "synthetic": n_synth_out,
+        "synthetic_available": len(synth_set) if synth_set is not None else 0,
+        "total": n_real_out + n_synth_out, "per_class": counts,
+    })
+    _atomic_write(out / "merge.json", (json.dumps(summary, indent=2) + "\n").encode(), durable=True)
+    return summary
