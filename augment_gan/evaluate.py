@@ -1,0 +1,476 @@
+"""Evaluating a synthetic image set against the real one: distribution metrics in a named feature space,
+memorisation, downstream classifier accuracy (real-only vs real+synthetic) and a discriminator probe.
+
+`evaluate(real, synthetic, config)` returns one JSON-ready dict; `format_result` renders it as the table
+the CLI prints. Metric formulas live in `augment_gan.metrics`, the classifier in `augment_gan.classifier`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from augment_gan.errors import UserError
+
+FEATURE_KINDS = ("auto", "classifier", "random", "inception")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Options of `augment-gan evaluate`; stored in its JSON output so a result can be reproduced."""
+
+    features: str = "auto"
+    """auto (classifier when the real folder is labeled, else random), classifier, random, inception,
+    or a path to FID Inception weights (same as inception + `inception_weights`)."""
+    inception_weights: str | None = None
+    resolution: int | None = None
+    """Side length both folders are read at; None: 32 when the synthetic images are at most 32 px, else 64."""
+    feature_steps: int = 400
+    """Optimizer steps of the classifier whose features `auto`/`classifier` use (400 × 64 images: ~90%
+    test accuracy on 200 MNIST digits; more steps change the features, so keep it fixed when comparing)."""
+    k: int = 5
+    max_samples: int = 5000
+    kid_subsets: int = 100
+    pairs: int = 16
+    """Synthetic/real nearest-neighbour pairs drawn in pairs.png (closest first)."""
+
+    downstream: bool = False
+    seeds: int = 3
+    steps: int = 500
+    """Classifier optimizer steps per downstream run (same for real-only and real+synthetic)."""
+    batch_size: int = 64
+    recipe: str = "standard"
+    """Augmentation recipe for downstream training (`none` for no augmentation)."""
+    synthetic_ratio: float | None = None
+    """Share of synthetic images per batch; None: the recipe's ratio (standard: 0.25), or 0.5 without one."""
+    test_fraction: float = 0.3
+    test_dir: str | None = None
+    """A separate held-out real folder; without it, `test_fraction` of the real folder is held out."""
+
+    probe: str | None = None
+    """Run directory or checkpoint whose discriminator features get a linear probe."""
+    probe_steps: int = 300
+
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.features not in FEATURE_KINDS and not Path(self.features).expanduser().is_file():
+            raise UserError(f"--features must be one of {', '.join(FEATURE_KINDS)} or an existing weights "
+                            f"file, got {self.features!r}")
+        if self.features == "inception" and not self.inception_weights:
+            raise UserError("--features inception needs --inception-weights PATH (nothing is downloaded)")
+        if self.resolution is not None and self.resolution not in (8, 16, 32, 64, 128, 256):
+            raise UserError(f"--resolution must be one of 8, 16, 32, 64, 128, 256, got {self.resolution}")
+        for name in ("feature_steps", "seeds", "steps", "probe_steps", "k", "max_samples", "kid_subsets"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise UserError(f"batch size must be at least 2, got {self.batch_size}")
+        if self.synthetic_ratio is not None and not 0 < self.synthetic_ratio < 1:
+            raise UserError(f"synthetic ratio must be in (0, 1), got {self.synthetic_ratio}")
+        if not 0 < self.test_fraction < 1:
+            raise UserError(f"test fraction must be in (0, 1), got {self.test_fraction}")
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _mean_std(values: list[float]) -> dict[str, Any]:
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "runs": a.tolist()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading the folders.
+
+
+def default_resolution(synthetic: str | Path) -> int:
+    """32 when the synthetic images are at most 32 px on their long side, else 64 (bounded CPU cost)."""
+    from PIL import Image
+
+    from augment_gan.data import scan_folder
+
+    scan = scan_folder(synthetic)
+    if not scan.files:
+        raise UserError(f"no images in {scan.root}")
+    try:
+        with Image.open(scan.root / scan.files[0]) as im:
+            side = max(im.size)
+    except OSError:
+        return 64
+    return 32 if side <= 32 else 64
+
+
+def _drop_rejected(images, root: Path):
+    """Remove images that a `synth` manifest marks `kept: false` (filtered samples left on disk)."""
+    manifest = root / "manifest.jsonl"
+    if not manifest.is_file():
+        return images
+    rejected = set()
+    for line in manifest.read_text().splitlines():
+        if line.strip():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{manifest} is not valid JSON lines") from None
+            if entry.get("kept") is False:
+                rejected.add(entry.get("file"))
+    if not rejected:
+        return images
+    keep = np.array([f not in rejected for f in images.files])
+    images.images = np.asarray(images.images)[keep]
+    images.labels = images.labels[keep] if images.labels is not None else None
+    images.files = [f for f, k in zip(images.files, keep) if k]
+    return images
+
+
+def read_pair(real: str | Path, synthetic: str | Path, resolution: int, *, cache_dir=None, progress=True):
+    """Read both folders at `resolution` with the same channel count (the real folder decides)."""
+    from augment_gan.data import ReadOptions, load_folder
+
+    real_set = load_folder(real, ReadOptions(resolution=resolution), cache_dir=cache_dir, progress=progress)
+    channels = "gray" if real_set.channels == 1 else "rgb"
+    synth_set = load_folder(synthetic, ReadOptions(resolution=resolution, channels=channels),
+                            cache_dir=cache_dir, progress=progress)
+    return real_set, _drop_rejected(synth_set, synth_set.root)
+
+
+def align_labels(real_classes: list[str], other, what: str) -> np.ndarray:
+    """Labels of `other` (an ImageSet) re-indexed into `real_classes` by class name."""
+    if other.labels is None or not other.classes:
+        raise UserError(f"the {what} folder has no class subfolders; downstream accuracy needs labels")
+    index = {name: i for i, name in enumerate(real_classes)}
+    unknown = [c for c in other.classes if c not in index]
+    if unknown:
+        raise UserError(f"{what} class(es) {', '.join(unknown[:5])} are not classes of the real folder "
+                        f"({', '.join(real_classes[:10])})")
+    remap = np.array([index[c] for c in other.classes], dtype=np.int64)
+    return remap[np.asarray(other.labels)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Features.
+
+
+def build_extractor(config: EvaluateConfig, real_set, log: Callable[[str], None]):
+    """The feature extractor `config.features` names, built offline (never downloads anything)."""
+    from augment_gan import metrics
+
+    kind = config.features
+    if kind not in FEATURE_KINDS:  # a weights file
+        return metrics.inception_extractor(kind, device=config.device)
+    if kind == "inception":
+        return metrics.inception_extractor(config.inception_weights, device=config.device)
+    labeled = real_set.labels is not None and len(real_set.classes) >= 2
+    if kind == "classifier" and not labeled:
+        raise UserError("--features classifier needs a real folder with at least two class subfolders")
+    if kind == "classifier" or (kind == "auto" and labeled):
+        log(f"training the feature classifier on {len(real_set)} real images ({config.feature_steps} steps)")
+        return metrics.classifier_extractor(np.asarray(real_set.images), real_set.labels,
+                                            steps=config.feature_steps, seed=config.seed, device=config.device)
+    return metrics.random_extractor(real_set.channels, seed=config.seed, device=config.device)
+
+
+def normalise_features(real: np.ndarray, fake: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centre both sets on the real mean and scale by one number so real features have mean variance 1.
+
+    Our extractors have arbitrary scale, which KID's polynomial kernel is sensitive to; one global scale
+    keeps distances' geometry (k-NN metrics are unchanged) and makes FD read in units of the real set's
+    own spread. Inception features are left raw, as published FID/KID use them.
+    """
+    mean = real.mean(axis=0, keepdims=True)
+    scale = float(np.sqrt(((real - mean) ** 2).mean())) or 1.0
+    return (real - mean) / scale, (fake - mean) / scale
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pairs image.
+
+
+def pairs_png(synthetic: np.ndarray, real: np.ndarray, memo, n: int) -> tuple[bytes, list[int]]:
+    """PNG of the `n` synthetic images closest to a real one: columns of (synthetic above its nearest real)."""
+    from PIL import Image
+
+    from augment_gan.grid import tile
+
+    order = np.argsort(memo.distance, kind="stable")[:n]
+    tiles = np.concatenate([synthetic[order], real[memo.nearest[order]]])  # row 1 synthetic, row 2 real
+    array = tile(tiles, ncols=len(order))
+    buf = io.BytesIO()
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buf, format="PNG")
+    return buf.getvalue(), order.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Downstream accuracy.
+
+
+def _load_recipes(name: str, seed: int) -> tuple[Any, Any, str]:
+    if name == "none":
+        return None, None, "none"
+    try:
+        from augment_gan.recipes import load_recipe
+    except ImportError:
+        return None, None, "none (augment_gan.recipes is not available)"
+    real = load_recipe(name, part="real", seed=seed)
+    synth = load_recipe(name, part="synthetic", seed=seed)
+    return real, synth, real.name
+
+
+def downstream(real_set, synth_set, config: EvaluateConfig, *, cache_dir=None,
+               log: Callable[[str], None] = _stderr) -> dict[str, Any]:
+    """Train the small CNN on real-only and on real+synthetic (same steps, same recipe) for several seeds,
+    test both on held-out real images, and report accuracy with spread and the paired gain."""
+    from augment_gan.classifier import accuracy, stratified_split, train_classifier
+
+    if real_set.labels is None or len(real_set.classes) < 2:
+        raise UserError("--downstream needs a real folder with at least two class subfolders")
+    classes = real_set.classes
+    synth_labels = align_labels(classes, synth_set, "synthetic")
+    synth_images = np.asarray(synth_set.images)
+    real_images, real_labels = np.asarray(real_set.images), np.asarray(real_set.labels)
+
+    test_images = test_labels = None
+    if config.test_dir:
+        from augment_gan.data import ReadOptions, load_folder
+
+        channels = "gray" if real_set.channels == 1 else "rgb"
+        test_set = load_folder(config.test_dir, ReadOptions(resolution=real_images.shape[1], channels=channels),
+                               cache_dir=cache_dir, progress=False)
+        test_images, test_labels = np.asarray(test_set.images), align_labels(classes, test_set, "test")
+        test_note = f"--test {test_set.root} ({len(test_set)} images)"
+    else:
+        test_note = (f"{config.test_fraction:.0%} of --real held out per seed (stratified); if the GAN was "
+                     "trained on all of --real it has seen these images, so the gain may be optimistic")
+
+    real_recipe, synth_recipe, recipe_name = _load_recipes(config.recipe, config.seed)
+    ratio = config.synthetic_ratio
+    if ratio is None:
+        ratio = real_recipe.ratio if real_recipe is not None and real_recipe.ratio > 0 else 0.5
+
+    real_only, mixed = [], []
+    n_train = n_test = 0
+    for s in range(config.seeds):
+        seed = config.seed + s
+        if test_images is None:
+            tr, te = stratified_split(real_labels, config.test_fraction, seed)
+            x_tr, y_tr, x_te, y_te = real_images[tr], real_labels[tr], real_images[te], real_labels[te]
+        else:
+            x_tr, y_tr, x_te, y_te = real_images, real_labels, test_images, test_labels
+        n_train, n_test = len(x_tr), len(x_te)
+        common = dict(steps=config.steps, batch_size=config.batch_size, seed=seed, recipe=real_recipe,
+                      num_classes=len(classes), device=config.device)
+        a = accuracy(train_classifier(x_tr, y_tr, **common), x_te, y_te)
+        b = accuracy(train_classifier(x_tr, y_tr, extra=(synth_images, synth_labels), synthetic_ratio=ratio,
+                                      extra_recipe=synth_recipe, **common), x_te, y_te)
+        real_only.append(a)
+        mixed.append(b)
+        log(f"downstream seed {seed}: real-only {a:.1%}, real+synthetic {b:.1%}")
+    return {
+        "test": test_note, "recipe": recipe_name, "synthetic_ratio": ratio, "steps": config.steps,
+        "batch_size": config.batch_size, "seeds": config.seeds, "n_train": n_train, "n_test": n_test,
+        "n_synthetic": len(synth_images),
+        "real_only": _mean_std(real_only), "real_plus_synthetic": _mean_std(mixed),
+        "gain": _mean_std([b - a for a, b in zip(real_only, mixed)]),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Discriminator probe.
+
+
+def probe(run: str | Path, real_dir: str | Path, config: EvaluateConfig, *, cache_dir=None,
+          log: Callable[[str], None] = _stderr) -> dict[str, Any]:
+    """Linear-probe accuracy of a trained discriminator's `D.features` on the labeled real folder, next to
+    the same probe on a randomly initialised D of the same architecture (the floor the training beat)."""
+    from augment_gan.checkpoint import load_checkpoint
+    from augment_gan.classifier import stratified_split
+    from augment_gan.data import ReadOptions, load_folder
+    from augment_gan.metrics import linear_probe
+    from augment_gan.models import build_networks
+    from augment_gan.pixels import hwc_to_nchw, to_float
+
+    ckpt = load_checkpoint(run)
+    options = ReadOptions(resolution=ckpt.resolution, fit=ckpt.config.fit, background=ckpt.config.background,
+                          channels="gray" if ckpt.channels == 1 else "rgb")
+    data = load_folder(real_dir, options, cache_dir=cache_dir, progress=False)
+    if data.labels is None or len(data.classes) < 2:
+        raise UserError("--probe needs a real folder with at least two class subfolders")
+    images, labels = np.asarray(data.images), np.asarray(data.labels)
+    tr, te = stratified_split(labels, config.test_fraction, config.seed)
+
+    def embed(D) -> np.ndarray:
+        D = D.to(config.device).eval()
+        with torch.inference_mode():
+            return torch.cat([D.features(to_float(hwc_to_nchw(images[s:s + 256])).to(config.device)).float().cpu()
+                              for s in range(0, len(images), 256)]).numpy()
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        _, random_d, _ = build_networks(ckpt.config, ckpt.channels, ckpt.num_classes)
+    result = {"checkpoint": str(ckpt.path), "digest": ckpt.digest, "n_train": len(tr), "n_test": len(te),
+              "classes": len(data.classes)}
+    for name, D in (("trained_d", ckpt.D), ("random_d", random_d)):
+        f = embed(D)
+        result[name] = linear_probe(f[tr], labels[tr], f[te], labels[te], steps=config.probe_steps, seed=config.seed)
+        log(f"probe {name.replace('_', ' ')}: {result[name]:.1%}")
+    result["feature_dim"] = int(f.shape[1])
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole evaluation.
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What `compute` returns: the JSON-ready result and the closest-pairs PNG."""
+
+    result: dict[str, Any]
+    pairs_png: bytes
+
+
+def compute(real: str | Path, synthetic: str | Path, config: EvaluateConfig = EvaluateConfig(), *,
+            cache_dir=None, progress: bool = True, log: Callable[[str], None] = _stderr) -> Evaluation:
+    """Compare a synthetic folder with a real one (writes nothing); see `evaluate`."""
+    from augment_gan import metrics
+
+    # Read both folders.
+    resolution = config.resolution or default_resolution(synthetic)
+    real_set, synth_set = read_pair(real, synthetic, resolution, cache_dir=cache_dir, progress=progress)
+    if len(synth_set) < 2 or len(real_set) < 2:
+        raise UserError("both folders need at least 2 images")
+    real_images, synth_images = np.asarray(real_set.images), np.asarray(synth_set.images)
+    log(f"read {len(real_set)} real and {len(synth_set)} synthetic images at {resolution}px")
+
+    # Features.
+    extractor = build_extractor(config, real_set, log)
+    log(f"features: {extractor.name}")
+    f_real, f_synth = extractor(real_images), extractor(synth_images)
+    normalised = not extractor.name.startswith("inception")
+    if normalised:
+        f_real, f_synth = normalise_features(f_real, f_synth)
+
+    # Distribution metrics. The FD between two random halves of the real set is the floor a perfect
+    # generator would reach at that sample size, which gives a non-standard feature space a scale.
+    fd = metrics.frechet_distance(f_real, f_synth)
+    half = np.random.default_rng(config.seed).permutation(len(f_real))
+    fd_real_halves = (metrics.frechet_distance(f_real[half[: len(half) // 2]], f_real[half[len(half) // 2:]])
+                      if len(f_real) >= 4 else None)
+    kid_size = metrics.kid_subset_size(len(f_real), len(f_synth))
+    kid_mean, kid_std = metrics.kernel_distance(f_real, f_synth, subset_size=kid_size,
+                                                subsets=config.kid_subsets, seed=config.seed)
+    manifold = metrics.precision_recall_density_coverage(f_real, f_synth, k=config.k,
+                                                         max_samples=config.max_samples, seed=config.seed)
+    memo = metrics.memorisation(f_real, f_synth)
+    png, order = pairs_png(synth_images, real_images, memo, config.pairs)
+
+    result: dict[str, Any] = {
+        "real": {"path": str(real_set.root), "images": len(real_set), "classes": real_set.classes,
+                 "channels": real_set.channels},
+        "synthetic": {"path": str(synth_set.root), "images": len(synth_set), "classes": synth_set.classes},
+        "resolution": resolution,
+        "features": {"name": extractor.name, "dim": int(f_real.shape[1]),
+                     "normalised": "centred and scaled by the real set" if normalised else None},
+        "fd": fd,
+        "fd_real_halves": fd_real_halves,
+        "kid": {"mean": kid_mean, "std": kid_std, "subset_size": kid_size, "subsets": config.kid_subsets},
+        **manifold,
+        "k": config.k,
+        "memorisation": {
+            "share": memo.share, "flagged": int(memo.flagged.sum()), "threshold": memo.threshold,
+            "percentile": memo.percentile, "pairs_png": None,
+            "closest": [{"synthetic": synth_set.files[i], "real": real_set.files[int(memo.nearest[i])],
+                         "distance": float(memo.distance[i]), "flagged": bool(memo.flagged[i])} for i in order]},
+        "downstream": None,
+        "probe": None,
+        "config": asdict(config),
+    }
+    if config.downstream:
+        result["downstream"] = downstream(real_set, synth_set, config, cache_dir=cache_dir, log=log)
+    if config.probe:
+        result["probe"] = probe(config.probe, real, config, cache_dir=cache_dir, log=log)
+    return Evaluation(result, png)
+
+
+def evaluate(real: str | Path, synthetic: str | Path, config: EvaluateConfig = EvaluateConfig(), *,
+             out_dir: str | Path | None = None, overwrite: bool = False, cache_dir=None,
+             progress: bool = True, log: Callable[[str], None] = _stderr) -> dict[str, Any]:
+    """Compare a synthetic folder with a real one; returns a JSON-ready dict (see `format_result`).
+
+    With `out_dir`, also writes `metrics.json` and `pairs.png` (the closest synthetic/real pairs:
+    synthetic images on the top row, their nearest real images below) there, atomically, refusing to
+    replace existing files unless `overwrite`.
+    """
+    targets: list[Path] = []
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        targets = [out_dir / "metrics.json", out_dir / "pairs.png"]
+        existing = [str(p) for p in targets if p.exists()]
+        if existing and not overwrite:
+            raise UserError(f"{existing[0]} exists; pass --overwrite to replace it")
+    evaluation = compute(real, synthetic, config, cache_dir=cache_dir, progress=progress, log=log)
+    result = evaluation.result
+    if out_dir is not None:
+        from augment_gan.checkpoint import atomic_write_bytes
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(targets[1], evaluation.pairs_png)
+        result["memorisation"]["pairs_png"] = str(targets[1])
+        atomic_write_bytes(targets[0], (json.dumps(result, indent=2) + "\n").encode())
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text output.
+
+
+def _pct(stats: dict[str, Any]) -> str:
+    return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}%"
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """The human-readable table `augment-gan evaluate` prints."""
+    r = result
+    lines = [
+        f"real       {r['real']['path']} ({r['real']['images']} images)",
+        f"synthetic  {r['synthetic']['path']} ({r['synthetic']['images']} images)",
+        f"features   {r['features']['name']}, {r['features']['dim']}-d at {r['resolution']}px"
+        + ("" if r["features"]["normalised"] is None else " (not comparable with published FID)"),
+        "",
+        f"{'metric':<28}{'value':>12}   meaning",
+        f"{'Fréchet distance':<28}{r['fd']:>12.3f}   lower is closer"
+        + ("" if r["fd_real_halves"] is None else f"; real vs real halves: {r['fd_real_halves']:.3f}"),
+        f"{'KID':<28}{r['kid']['mean']:>12.4f}   ± {r['kid']['std']:.4f} (subsets of {r['kid']['subset_size']})",
+        f"{'precision':<28}{r['precision']:>12.3f}   share of synthetic inside the real manifold (k={r['k']})",
+        f"{'recall':<28}{r['recall']:>12.3f}   share of real inside the synthetic manifold",
+        f"{'density':<28}{r['density']:>12.3f}   ≈1 when the sets match",
+        f"{'coverage':<28}{r['coverage']:>12.3f}   share of real neighbourhoods with a synthetic image",
+        f"{'memorised':<28}{r['memorisation']['share']:>12.1%}   closer to a real image than "
+        f"{100 - r['memorisation']['percentile']:.0f}% of real pairs ({r['memorisation']['flagged']} images)",
+    ]
+    if r["memorisation"]["pairs_png"]:
+        lines.append(f"{'':<43}closest pairs: {r['memorisation']['pairs_png']}")
+    d = r.get("downstream")
+    if d:
+        lines += ["", f"downstream: small CNN, {d['steps']} steps, recipe {d['recipe']}, synthetic ratio "
+                      f"{d['synthetic_ratio']:g}, {d['seeds']} seeds, {d['n_train']} train / {d['n_test']} test images",
+                  f"  test: {d['test']}",
+                  f"{'  real only':<28}{_pct(d['real_only']):>16}",
+                  f"{'  real + synthetic':<28}{_pct(d['real_plus_synthetic']):>16}",
+                  f"{'  gain':<28}{100 * d['gain']['mean']:>+13.1f} pp ± {100 * d['gain']['std']:.1f}"]
+    p = r.get("probe")
+    if p:
+        lines += ["", f"probe: linear classifier on D.features ({p['feature_dim']}-d), "
+                      f"{p['n_train']} train / {p['n_test']} test images, {p['classes']} classes",
+                  f"{'  trained D':<28}{p['trained_d']:>12.1%}",
+                  f"{'  random-init D':<28}{p['random_d']:>12.1%}"]
+    return "\n".join(lines)
