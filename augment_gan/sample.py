@@ -1,0 +1,117 @@
+"""The sampling pipeline: per-index latents (and labels) through the EMA generator to uint8 images.
+
+Sample i is a pure function of (checkpoint, seed, i): its latent comes from a generator of its own, seeded
+from a hash of (seed, i), so batch size, sharding, resuming and the order of indices never change an image.
+Nothing here holds training state; `synth` and `vary` compose these functions.
+
+Truncation is the ψ-truncation of StyleGAN (Karras et al. 2019) toward the mean latent. Our G takes z
+directly (no mapping network) and z ~ N(0, I), whose mean is 0, so it is z·ψ: ψ=1 leaves the prior alone,
+ψ<1 trades diversity for typicality, ψ=0 gives one image per class.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from augment_gan.errors import UserError
+from augment_gan.pixels import to_uint8
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from a hash of `parts` (ints and strings), stable across processes and platforms.
+
+    Python's `hash` is salted per process and consecutive integer seeds give correlated-looking streams in
+    some generators, so the parts go through BLAKE2b instead.
+    """
+    text = "\x1f".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & (2**63 - 1)
+
+
+def latents(seed: int, indices: Sequence[int] | torch.Tensor, z_dim: int) -> torch.Tensor:
+    """float32 N×z_dim standard-normal latents; row k depends only on (seed, indices[k]).
+
+    Each index gets a CPU `torch.Generator` seeded with `derive_seed(seed, index)` (about 10 µs per index),
+    so the result is the same on every device and for every batching of the indices.
+    """
+    index_list = [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
+    out = torch.empty(len(index_list), z_dim)
+    gen = torch.Generator()
+    for row, index in enumerate(index_list):
+        if index < 0:
+            raise UserError(f"sample indices must be >= 0, got {index}")
+        gen.manual_seed(derive_seed(seed, index))
+        out[row] = torch.randn(z_dim, generator=gen)
+    return out
+
+
+def balanced_labels(indices: Sequence[int] | torch.Tensor, num_classes: int) -> torch.Tensor:
+    """LongTensor N: class `i % num_classes` for index i — the round-robin plan `synth` uses by default."""
+    index_tensor = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+    return index_tensor % num_classes
+
+
+# CPU GEMM kernels (MKL, oneDNN) compute rows in micro-tiles of 4-16; rows of a partial tile take another code
+# path whose float sums can differ in the last bit, and after rounding to uint8 that flips a pixel in about 5% of
+# images. Padding every call to a multiple of 16 rows keeps each real row in a full tile, so an image's bytes do
+# not depend on the batch size or on which other indices share its batch (checked in tests/test_sample.py).
+ROW_ALIGN = 16
+
+
+def aligned_forward(fn: Any, x: torch.Tensor, *rest: torch.Tensor | None) -> Any:
+    """`fn(x, *rest)` with the batch zero-padded to a multiple of `ROW_ALIGN` rows; outputs cut back to N.
+
+    `rest` are per-row tensors (labels) or None; tuple outputs (E's mu, logvar) are cut element-wise.
+    """
+    n = x.shape[0]
+    pad = -n % ROW_ALIGN
+    if pad:
+        x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
+        rest = tuple(None if r is None else torch.cat([r, r.new_zeros((pad, *r.shape[1:]))]) for r in rest)
+    out = fn(x, *rest)
+    if isinstance(out, tuple):
+        return tuple(o[:n] for o in out)
+    return out[:n]
+
+
+def check_truncation(truncation: float) -> float:
+    if not 0.0 <= truncation <= 2.0:
+        raise UserError(f"truncation ψ must be in [0, 2], got {truncation}")
+    return float(truncation)
+
+
+def generate(
+    ckpt: Any,
+    indices: Sequence[int] | torch.Tensor,
+    *,
+    seed: int,
+    labels: Sequence[int] | torch.Tensor | None = None,
+    truncation: float = 1.0,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """uint8 N×C×H×W images of `indices` from the checkpoint's EMA generator (on the CPU when returned).
+
+    `labels` are indices into `ckpt.classes`; for a conditional checkpoint they default to the balanced
+    plan `i % num_classes`, so `generate(ckpt, range(n), seed=s)` reproduces `synth --n n --seed s`
+    without filters. An unconditional checkpoint takes no labels.
+    """
+    truncation = check_truncation(truncation)
+    device = torch.device(device)
+    z = latents(seed, indices, ckpt.z_dim)
+    y = None
+    if ckpt.num_classes:
+        y = balanced_labels(indices, ckpt.num_classes) if labels is None else torch.as_tensor(labels, dtype=torch.long)
+        if y.shape != (len(z),):
+            raise UserError(f"got {y.numel()} labels for {len(z)} indices")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= ckpt.num_classes):
+            raise UserError(f"labels must be in [0, {ckpt.num_classes}), got {y.tolist()}")
+        y = y.to(device)
+    elif labels is not None:
+        raise UserError("this checkpoint is unconditional: it takes no labels")
+    if len(z) == 0:
+        return torch.empty(0, ckpt.channels, ckpt.resolution, ckpt.resolution, dtype=torch.uint8)
+    with torch.inference_mode():
+        images = aligned_forward(ckpt.G_ema, z.to(device) * truncation, y)  # N×C×H×W in [-1, 1]
+        return to_uint8(images).cpu()
