@@ -350,6 +350,12 @@ def compute(real: str | Path, synthetic: str | Path, config: EvaluateConfig = Ev
         raise UserError("both folders need at least 2 images")
     real_images, synth_images = np.asarray(real_set.images), np.asarray(synth_set.images)
     log(f"read {len(real_set)} real and {len(synth_set)} synthetic images at {resolution}px")
+    labeled = real_set.labels is not None and len(real_set.classes) >= 2
+    if (config.downstream or config.probe) and not labeled:
+        raise UserError(f"--{'downstream' if config.downstream else 'probe'} needs a real folder with at "
+                        "least two class subfolders")
+    if config.downstream:
+        align_labels(real_set.classes, synth_set, "synthetic")  # fail before the slow part
 
     # Features.
     extractor = build_extractor(config, real_set, log)

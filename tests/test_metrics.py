@@ -1,0 +1,171 @@
+"""Metrics move the right way on controlled cases built from real MNIST digits, and the classifier learns."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from augment_gan import metrics
+from augment_gan.errors import UserError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Five agents share two cores here; several torch threads per process thrash (10× slower).
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def copy_digits(src: Path, dst: Path, start: int, stop: int) -> Path:
+    """An ImageFolder with files [start, stop) of every MNIST digit class."""
+    for d in sorted(p for p in src.iterdir() if p.is_dir()):
+        (dst / d.name).mkdir(parents=True)
+        for f in sorted(d.iterdir())[start:stop]:
+            shutil.copy(f, dst / d.name / f.name)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def digits(shared_data, tmp_path_factory):
+    """Two disjoint sets of 200 real digits (20 per class) at 32px: (a, b) ImageSets."""
+    from augment_gan.data import ReadOptions, load_folder
+
+    root = tmp_path_factory.mktemp("digits")
+    a = copy_digits(shared_data / "mnist", root / "a", 0, 20)
+    b = copy_digits(shared_data / "mnist", root / "b", 20, 40)
+    options = ReadOptions(resolution=32)
+    return load_folder(a, options, progress=False), load_folder(b, options, progress=False)
+
+
+@pytest.fixture(scope="module")
+def features(digits):
+    """Random-CNN features (fast, fixed seed) of set a, set b, and uniform noise images."""
+    a, b = digits
+    torch.set_num_threads(1)
+    extractor = metrics.random_extractor(1, seed=0)
+    noise = np.random.default_rng(0).integers(0, 256, size=np.asarray(b.images).shape, dtype=np.uint8)
+    return extractor(np.asarray(a.images)), extractor(np.asarray(b.images)), extractor(noise)
+
+
+def test_identical_sets_score_as_identical(features):
+    a, _, noise = features
+    assert metrics.frechet_distance(a, a) < 1e-6
+    kid_self, _ = metrics.kernel_distance(a, a)
+    kid_noise, _ = metrics.kernel_distance(a, noise)
+    # Unbiased MMD² of a set against itself is slightly negative (the diagonal is excluded only once).
+    assert abs(kid_self) < 1e-3 * kid_noise
+    prdc = metrics.precision_recall_density_coverage(a, a)
+    assert prdc["precision"] == prdc["recall"] == prdc["coverage"] == 1.0
+    assert prdc["density"] >= 1.0  # every sample sits in its own ball and its neighbours'
+
+
+def test_noise_is_far_and_fresh_digits_are_close(features):
+    a, b, noise = features
+    fd_digits, fd_noise = metrics.frechet_distance(a, b), metrics.frechet_distance(a, noise)
+    assert fd_noise > 20 * fd_digits
+    assert metrics.kernel_distance(a, noise)[0] > 20 * metrics.kernel_distance(a, b)[0]
+    far = metrics.precision_recall_density_coverage(a, noise)
+    near = metrics.precision_recall_density_coverage(a, b)
+    assert far["precision"] < 0.05 and far["coverage"] < 0.05
+    assert near["precision"] > 0.5 and near["recall"] > 0.5 and near["coverage"] > 0.5
+
+
+def test_precision_and_recall_are_not_swapped():
+    # A collapsed generator: every synthetic point near the centre of the real cloud. All synthetic
+    # points are realistic (precision ≈ 1) but they miss most of the real variety (recall, coverage low).
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(600, 2)).astype(np.float32)
+    collapsed = (0.1 * rng.normal(size=(600, 2))).astype(np.float32)
+    prdc = metrics.precision_recall_density_coverage(real, collapsed)
+    assert prdc["precision"] > 0.95
+    assert prdc["recall"] < 0.3 and prdc["coverage"] < 0.3
+
+
+def test_memorisation_flags_copies_but_not_fresh_samples(features):
+    a, b, _ = features
+    copies = metrics.memorisation(a, a[:100])
+    assert copies.share == 1.0
+    assert (copies.nearest == np.arange(100)).all()
+    fresh = metrics.memorisation(a, b)
+    assert fresh.share < 0.1  # ≈ 1% expected: the threshold is the real set's 1st percentile
+    mixed = metrics.memorisation(a, np.concatenate([a[:50], b[:150]]))
+    assert mixed.flagged[:50].all() and mixed.flagged[50:].mean() < 0.1
+
+
+def test_kid_subset_size_adapts_to_small_sets(features):
+    a, b, _ = features
+    assert metrics.kid_subset_size(5000, 3000) == 1000
+    assert metrics.kid_subset_size(200, 37) == 37
+    mean, std = metrics.kernel_distance(a, b[:37])
+    assert np.isfinite(mean) and std >= 0
+    # Same seed, same subsets: the result is reproducible.
+    assert metrics.kernel_distance(a, b[:37], seed=3) == metrics.kernel_distance(a, b[:37], seed=3)
+
+
+def test_bad_inputs_are_clear_errors(features):
+    a, _, _ = features
+    with pytest.raises(ValueError, match="N×F"):
+        metrics.frechet_distance(a[0], a)
+    with pytest.raises(UserError, match="more than k=5"):
+        metrics.precision_recall_density_coverage(a, a[:5])
+    bad = a.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.frechet_distance(a, bad)
+
+
+def test_linear_probe_reads_separable_features_and_not_random_labels():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 400)
+    centres = rng.normal(scale=4.0, size=(4, 16))
+    x = (centres[labels] + rng.normal(size=(400, 16))).astype(np.float32)
+    assert metrics.linear_probe(x[:300], labels[:300], x[300:], labels[300:]) > 0.95
+    shuffled = rng.permutation(labels)
+    assert metrics.linear_probe(x[:300], shuffled[:300], x[300:], shuffled[300:]) < 0.5
+
+
+def test_inception_never_downloads(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        metrics.inception_extractor(tmp_path / "missing.pth")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a weights file")
+    with pytest.raises(UserError):  # torch-fidelity missing, or the file refused: never a download
+        metrics.inception_extractor(junk)
+
+
+def test_classifier_learns_digits_and_is_deterministic(digits):
+    from augment_gan.classifier import accuracy, stratified_split, train_classifier
+
+    a, b = digits
+    x, y = np.asarray(a.images), a.labels
+    model = train_classifier(x, y, steps=120, seed=0)
+    acc = accuracy(model, np.asarray(b.images), b.labels)
+    assert acc > 0.5  # 10 classes: chance is 0.1
+    again = train_classifier(x, y, steps=5, seed=1)
+    twice = train_classifier(x, y, steps=5, seed=1)
+    assert all(torch.equal(p, q) for p, q in zip(again.state_dict().values(), twice.state_dict().values()))
+    assert model.features(torch.zeros(3, 1, 32, 32)).shape == (3, model.feature_dim)
+
+    tr, te = stratified_split(y, 0.3, seed=0)
+    assert len(np.intersect1d(tr, te)) == 0 and len(tr) + len(te) == len(y)
+    assert (np.bincount(y[te], minlength=10) == 6).all()
+
+
+def test_classifier_mixes_extra_images_and_checks_shapes(digits):
+    from augment_gan.classifier import train_classifier
+    from augment_gan.recipes import load_recipe
+
+    a, b = digits
+    x, y = np.asarray(a.images), a.labels
+    model = train_classifier(x, y, steps=3, seed=0, extra=(np.asarray(b.images), b.labels),
+                             synthetic_ratio=0.5, recipe=load_recipe("standard"))
+    assert model.num_classes == 10
+    with pytest.raises(UserError, match="H×W×C"):
+        train_classifier(x, y, steps=1, extra=(np.repeat(np.asarray(b.images), 3, axis=3), b.labels))
+    with pytest.raises(UserError, match="labels"):
+        train_classifier(x, y[:10], steps=1)
