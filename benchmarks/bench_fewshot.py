@@ -1,0 +1,246 @@
+"""Few-shot digits: does synthetic data from a conditional `fit` help a classifier? (issue 6, "Measure")
+
+For each K (labeled images per class) and seed: draw K images per class from ../shared/data/mnist (the draw
+depends on the seed), keep the rest of the folder as the test set, train a conditional augment-gan on the
+K×10 images, generate a balanced synthetic set, then train the small CNN of `augment_gan.classifier`
+(a) on the real images only and (b) on real + synthetic at each synthetic ratio — the same optimizer steps,
+the same recipe (real images get the recipe's real part, synthetic ones its synthetic part) and the same
+seed — and test both on the held-out images. The gain is paired per seed (b − a).
+
+    python benchmarks/bench_fewshot.py                               # K = 10, 3 seeds, 4 min per fit
+    python benchmarks/bench_fewshot.py --shots 10,20,50 --ratios 0.25,0.5,0.75
+    python benchmarks/bench_fewshot.py --shots 10 --seeds 1 --fit-kimg 0.2 --steps 20 --synthetic 100  # smoke
+
+Prints one markdown table to stdout (progress to stderr); writes results.json (rewritten after every seed),
+the runs and a synthetic grid per run under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import io
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from augment_gan import __version__
+from augment_gan.checkpoint import atomic_write_bytes, load_checkpoint
+from augment_gan.classifier import accuracy, train_classifier
+from augment_gan.config import TrainConfig, load_config_file
+from augment_gan.data import ReadOptions, load_folder
+from augment_gan.errors import UserError
+from augment_gan.grid import tile
+from augment_gan.pixels import nchw_to_hwc
+from augment_gan.recipes import load_recipe
+from augment_gan.sample import balanced_labels, generate
+from augment_gan.train import fit
+
+RESOLUTION = 32
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data beside the repo
+SAMPLE_SEED = 1234  # latent seed of the synthetic sets (offset by the run's seed)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    ap.add_argument("--shots", default="10", help="comma-separated K: labeled images per class (default 10)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per K: draw, GAN and classifier (default 3)")
+    ap.add_argument("--ratios", default="0.25,0.5,0.75",
+                    help="comma-separated shares of synthetic images per batch (default 0.25,0.5,0.75)")
+    ap.add_argument("--fit-minutes", type=float, default=4.0, help="GAN training budget per run (default 4)")
+    ap.add_argument("--fit-kimg", type=float, default=None, help="GAN budget in kimg instead of minutes")
+    ap.add_argument("--fit-config", type=Path, default=None, help="YAML of TrainConfig overrides for fit")
+    ap.add_argument("--synthetic", type=int, default=2000, help="synthetic images per run, balanced (default 2000)")
+    ap.add_argument("--steps", type=int, default=1000,
+                    help="classifier optimizer steps, the same for every arm (default 1000)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--recipe", default="standard", help="augmentation recipe for every arm (default standard)")
+    ap.add_argument("--data", type=Path, default=SHARED_DATA / "mnist", help="labeled folder (default ../shared/data/mnist)")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument("--device", default="cpu", help="device for fit, sampling and the classifier (default cpu)")
+    ap.add_argument("--seed", type=int, default=0, help="first seed (seeds are seed, seed+1, ...)")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/fewshot-<time>)")
+    return ap.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(f"[bench_fewshot {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--{what} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UserError(f"--{what} must list positive integers, got {text!r}")
+    return values
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--{what} must be comma-separated numbers, got {text!r}") from None
+    if not values or not all(0 < v < 1 for v in values):
+        raise UserError(f"--{what} must be in (0, 1), got {text!r}")
+    return values
+
+
+def draw_shots(labels: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices: k random images of every class for training, all the others for testing."""
+    rng = np.random.default_rng(seed)
+    train = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) <= k:
+            raise UserError(f"class {c} has {len(idx)} images; K={k} leaves none to test on")
+        train.append(rng.choice(idx, size=k, replace=False))
+    train = np.sort(np.concatenate(train))
+    return train, np.setdiff1d(np.arange(len(labels)), train)
+
+
+def write_subset(root: Path, files: list[str], out: Path) -> None:
+    """Copy `files` (relative paths under `root`, class subfolders kept) into `out` for `fit`."""
+    for rel in files:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / rel, out / rel)
+
+
+def synthesize(run_path: Path, n: int, seed: int, classes: list[str], device: str) -> tuple[np.ndarray, np.ndarray]:
+    """n balanced synthetic images (uint8 N×H×W×C) and their labels, re-indexed into `classes` by name."""
+    ckpt = load_checkpoint(run_path, device=device)
+    if not ckpt.num_classes:
+        raise UserError("the GAN is unconditional; the benchmark needs conditional=True")
+    images = torch.cat([generate(ckpt, range(s, min(s + 500, n)), seed=seed, device=device) for s in range(0, n, 500)])
+    remap = np.array([classes.index(name) for name in ckpt.classes])
+    labels = remap[balanced_labels(range(n), ckpt.num_classes).numpy()]
+    return nchw_to_hwc(images), labels
+
+
+def save_png(images: np.ndarray, path: Path) -> None:
+    array = tile(images, 10)
+    buf = io.BytesIO()
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def stats(values: list[float]) -> dict:
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "runs": a.tolist()}
+
+
+def markdown_table(results: dict) -> str:
+    ratios = results["ratios"]
+    head = ["K / class", "real only"] + [f"+ synthetic {r:g}" for r in ratios] + ["best gain"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k, row in results["shots"].items():
+        if not row["runs"]:
+            continue
+        real = stats([run["real_only"] for run in row["runs"]])
+        cells = [k, f"{100 * real['mean']:.1f} ± {100 * real['std']:.1f}"]
+        gains = {}
+        for r in ratios:
+            acc = stats([run["mixed"][str(r)] for run in row["runs"]])
+            gains[r] = stats([run["mixed"][str(r)] - run["real_only"] for run in row["runs"]])
+            cells.append(f"{100 * acc['mean']:.1f} ± {100 * acc['std']:.1f} ({100 * gains[r]['mean']:+.1f})")
+        best = max(ratios, key=lambda r: gains[r]["mean"])
+        cells.append(f"**{100 * gains[best]['mean']:+.1f} pp** ± {100 * gains[best]['std']:.1f} at ratio {best:g}")
+        lines.append("| " + " | ".join(cells) + " |")
+    budget = (f"{results['fit_kimg']:g} kimg" if results["fit_kimg"] else f"{results['fit_minutes']:g} min")
+    n_seeds = max((len(row["runs"]) for row in results["shots"].values()), default=0)
+    notes = [f"Test accuracy (%) on the held-out MNIST images, mean ± std over {n_seeds} seed(s) "
+             "(draw, GAN and classifier); gain in percentage points vs real only, paired per seed.",
+             f"Small CNN, {results['steps']} steps of batch {results['batch_size']}, recipe {results['recipe']}; "
+             f"conditional fit at {RESOLUTION}px for {budget} per run, {results['synthetic']} synthetic images; "
+             f"{results['threads']} thread(s) on {results['device']}.", "", f"`{results['command']}`"]
+    return "\n".join(["\n".join(lines), "", *notes])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    args.command = "python benchmarks/bench_fewshot.py " + " ".join(argv)
+    try:
+        shots, ratios = _ints(args.shots, "shots"), _floats(args.ratios, "ratios")
+        if args.seeds < 1 or args.steps < 1 or args.synthetic < 10 or args.threads < 1:
+            raise UserError("--seeds, --steps and --threads must be >= 1, --synthetic >= 10")
+        overrides = load_config_file(args.fit_config) if args.fit_config else {}
+        budget = {"kimg": args.fit_kimg, "minutes": None} if args.fit_kimg else {"minutes": args.fit_minutes}
+        base = TrainConfig.from_dict({"resolution": RESOLUTION, "conditional": True, **overrides, **budget})
+        load_recipe(args.recipe)  # fail now on a bad recipe name, not after the first GAN
+        out = args.out or Path(__file__).resolve().parent / "results" / f"fewshot-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"{out} is not empty; choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        return _run(args, shots, ratios, base, out)
+    except UserError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Path) -> int:
+    torch.set_num_threads(args.threads)
+    cache_dir = out / "cache"
+    data = load_folder(args.data, ReadOptions(resolution=RESOLUTION), cache_dir=cache_dir, progress=False)
+    if data.labels is None or len(data.classes) < 2:
+        raise UserError(f"{args.data} needs class subfolders")
+    images, labels = np.ascontiguousarray(data.images), np.asarray(data.labels)
+    log(f"{len(images)} images, {len(data.classes)} classes, {data.channels} channel(s)")
+    results = {"command": args.command, "started": _dt.datetime.now().isoformat(timespec="seconds"),
+               "package_version": __version__, "torch": torch.__version__, "platform": platform.platform(),
+               "data": str(data.root), "ratios": ratios, "steps": args.steps, "batch_size": args.batch_size,
+               "recipe": args.recipe, "synthetic": args.synthetic, "fit_minutes": args.fit_minutes,
+               "fit_kimg": args.fit_kimg, "fit_config": base.to_dict(), "threads": args.threads,
+               "device": args.device, "shots": {str(k): {"runs": []} for k in shots}}
+
+    for k in shots:
+        for seed in range(args.seed, args.seed + args.seeds):
+            tag = f"k{k}-seed{seed}"
+            train_idx, test_idx = draw_shots(labels, k, seed)
+            folder = out / tag / "train"
+            write_subset(data.root, [data.files[i] for i in train_idx], folder)
+
+            log(f"{tag}: fit on {len(train_idx)} images")
+            t0 = time.monotonic()
+            ckpt_path = fit(folder, base.replace(seed=seed), out / tag / "run", device=args.device,
+                            cache_dir=cache_dir, progress=False)
+            fit_s = time.monotonic() - t0
+            synth, synth_labels = synthesize(ckpt_path, args.synthetic, SAMPLE_SEED + seed, data.classes, args.device)
+            order = np.argsort(synth_labels[:100], kind="stable")
+            save_png(synth[:100][order], out / tag / "synthetic.png")
+
+            x_tr, y_tr, x_te, y_te = images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
+            common = dict(steps=args.steps, batch_size=args.batch_size, seed=seed, num_classes=len(data.classes),
+                          device=args.device, recipe=load_recipe(args.recipe, part="real"))
+            real_only = accuracy(train_classifier(x_tr, y_tr, **common), x_te, y_te)
+            log(f"{tag}: real only {real_only:.1%}")
+            mixed = {}
+            for r in ratios:
+                model = train_classifier(x_tr, y_tr, extra=(synth, synth_labels), synthetic_ratio=r,
+                                         extra_recipe=load_recipe(args.recipe, part="synthetic"), **common)
+                mixed[str(r)] = accuracy(model, x_te, y_te)
+                log(f"{tag}: ratio {r:g}: {mixed[str(r)]:.1%} ({100 * (mixed[str(r)] - real_only):+.1f} pp)")
+            meta = json.loads(ckpt_path.with_suffix(".json").read_text()) if ckpt_path.with_suffix(".json").is_file() else {}
+            results["shots"][str(k)]["runs"].append({
+                "seed": seed, "train_images": len(train_idx), "test_images": len(test_idx),
+                "fit_seconds": round(fit_s, 1), "fit_kimg": meta.get("kimg"), "checkpoint": str(ckpt_path),
+                "real_only": real_only, "mixed": mixed})
+            atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+
+    table = markdown_table(results)
+    atomic_write_bytes(out / "table.md", (table + "\n").encode())
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
