@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from augment_gan.errors import UserError
-from augment_gan.pixels import to_uint8
+from augment_gan.pixels import to_float, to_uint8
 
 
 def derive_seed(*parts: Any) -> int:
@@ -98,20 +98,46 @@ def generate(
     without filters. An unconditional checkpoint takes no labels.
     """
     truncation = check_truncation(truncation)
-    device = torch.device(device)
     z = latents(seed, indices, ckpt.z_dim)
     y = None
     if ckpt.num_classes:
         y = balanced_labels(indices, ckpt.num_classes) if labels is None else torch.as_tensor(labels, dtype=torch.long)
+    elif labels is not None:
+        raise UserError("this checkpoint is unconditional: it takes no labels")
+    return decode(ckpt, z * truncation, y, device=device)
+
+
+def decode(ckpt: Any, z: torch.Tensor, labels: Sequence[int] | torch.Tensor | None = None, *,
+           device: str | torch.device = "cpu") -> torch.Tensor:
+    """Latents N×z_dim (+ labels for a conditional checkpoint) -> uint8 N×C×H×W on the CPU, via G_ema."""
+    device = torch.device(device)
+    y = None
+    if ckpt.num_classes:
+        if labels is None:
+            raise UserError("this checkpoint is class-conditional: give a label for every latent")
+        y = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
         if y.shape != (len(z),):
-            raise UserError(f"got {y.numel()} labels for {len(z)} indices")
+            raise UserError(f"got {y.numel()} labels for {len(z)} latents")
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= ckpt.num_classes):
-            raise UserError(f"labels must be in [0, {ckpt.num_classes}), got {y.tolist()}")
+            raise UserError(f"labels must be in [0, {ckpt.num_classes}), got {sorted(set(y.tolist()))}")
         y = y.to(device)
     elif labels is not None:
         raise UserError("this checkpoint is unconditional: it takes no labels")
     if len(z) == 0:
         return torch.empty(0, ckpt.channels, ckpt.resolution, ckpt.resolution, dtype=torch.uint8)
     with torch.inference_mode():
-        images = aligned_forward(ckpt.G_ema, z.to(device) * truncation, y)  # N×C×H×W in [-1, 1]
+        images = aligned_forward(ckpt.G_ema, z.to(device), y)  # N×C×H×W in [-1, 1]
         return to_uint8(images).cpu()
+
+
+def encode(ckpt: Any, images: torch.Tensor, *, device: str | torch.device = "cpu"
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 N×C×H×W -> (mu, logvar), each float N×z_dim on the CPU, from the latent encoder E."""
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise UserError("encode takes uint8 N×C×H×W images")
+    if tuple(images.shape[1:]) != (ckpt.channels, ckpt.resolution, ckpt.resolution):
+        raise UserError(f"images are {tuple(images.shape[1:])}, the checkpoint needs "
+                        f"{(ckpt.channels, ckpt.resolution, ckpt.resolution)} (C, H, W)")
+    with torch.inference_mode():
+        mu, logvar = aligned_forward(ckpt.E, to_float(images.to(device)))
+        return mu.float().cpu(), logvar.float().cpu()

@@ -556,26 +556,31 @@ def _visible_entries(out: Path) -> list[Path]:
     return [p for p in out.iterdir() if not p.name.startswith(".") and ".tmp-" not in p.name]
 
 
-def _check_out(out: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
-    """Refuse a folder we may not write into; return its old synth.json when it has one."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
+def check_out_folder(out: Path, settings_name: str, settings: dict[str, Any], identity: Any,
+                     overwrite: bool) -> dict[str, Any] | None:
+    """Refuse a folder we may not write into; return its old settings file when it has one.
+
+    An empty or missing folder is fine; a non-empty one must hold `settings_name` with the same
+    `identity(settings)` (a resume) unless `overwrite`.
+    """
     if out.is_symlink():
         raise UserError(f"--out {out} is a symbolic link; give the real folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
     if not out.is_dir() or not _visible_entries(out):
         return None
-    old = _read_json(out / SETTINGS)
+    old = _read_json(out / settings_name)
     if old is None:
         if not overwrite:
-            raise UserError(f"{out} is not empty and was not written by synth (no {SETTINGS}); "
+            raise UserError(f"{out} is not empty and holds no {settings_name}; "
                             "choose another --out or pass --overwrite")
         return None
-    before, after = _identity(old), _identity(settings)
+    before, after = identity(old), identity(settings)
     if before != after and not overwrite:
         diffs = [f"{k} {before.get(k)!r} -> {after.get(k)!r}" for k in after if before.get(k) != after.get(k)]
         shown = "; ".join(d if len(d) < 120 else d[:117] + "..." for d in diffs[:3])
-        raise UserError(f"{out} holds a synthetic set made with other settings ({shown}); "
-                        "pass --overwrite to replace it or choose another --out")
+        raise UserError(f"{out} holds images made with other settings ({shown}); "
+                        "pass --overwrite to replace them or choose another --out")
     return old
 
 
@@ -700,8 +705,13 @@ def _sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (0, r["index"]) if r["kept"] else (1, r["latent"]))
 
 
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write rows as JSON lines, atomically."""
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
 def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in _sort_rows(rows)).encode())
+    write_jsonl(path, _sort_rows(rows))
 
 
 def _try_merge(out: Path, plan: Plan, common: dict[str, Any], filtered: bool) -> Path | None:
@@ -726,7 +736,7 @@ def _try_merge(out: Path, plan: Plan, common: dict[str, Any], filtered: bool) ->
 # ----------------------------------------------------------------------------------------------------
 # The run.
 
-def _pick_device(name: str) -> Any:
+def pick_device(name: str) -> Any:
     import torch
 
     from augment_gan.device import resolve_device
@@ -738,7 +748,7 @@ def _pick_device(name: str) -> Any:
     return device
 
 
-class _Writer:
+class ImageWriter:
     """Encodes and writes images in a thread pool, a bounded number of chunks ahead of the generator.
 
     Threads, not processes: Pillow's encoders and file writes release the GIL, nothing has to be pickled
@@ -787,7 +797,7 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
 
     t_start = time.perf_counter()
     shard = config.shard or shard_from_env()
-    device = _pick_device(config.device)
+    device = pick_device(config.device)
 
     # Load the checkpoint and plan the set.
     if hasattr(checkpoint, "G_ema"):
@@ -804,7 +814,7 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
     out = Path(out)
     dedup_root = _dedup_root(ckpt, config.dedup_real) if config.dedup else None
     settings = _settings(ckpt, plan, config, dedup_root)
-    old = _check_out(out, settings, config.overwrite)
+    old = check_out_folder(out, SETTINGS, settings, _identity, config.overwrite)
     dedup = load_dedup_index(ckpt, dedup_root, config.progress) if dedup_root is not None else None
     if dedup is not None:
         settings["filters"]["dedup_threshold"] = dedup.threshold
@@ -874,7 +884,7 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
     todo = sum(len(cands) if not filtered else len(unit.finals) for unit, cands in jobs)
     bar = tqdm(total=todo, desc=f"synth {shard[0]}/{shard[1]}" if shard[1] > 1 else "synth", unit="img",
                file=sys.stderr, disable=not config.progress or todo == 0, dynamic_ncols=True)
-    writer = _Writer(workers, config.format, config.quality, on_done)
+    writer = ImageWriter(workers, config.format, config.quality, on_done)
     t_loop = time.perf_counter()
     try:
         stream = [(unit, latent) for unit, cands in jobs for latent in cands]

@@ -1,8 +1,48 @@
-"""`augment-gan vary` (placeholder until its issue lands)."""
+"""`augment-gan vary`: variations of real images through the run's latent encoder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
 import click
 
 
 @click.command("vary")
-def command() -> None:
-    """Not built yet."""
-    raise click.ClickException("vary is not built yet")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--n", "n", type=int, default=4, show_default=True, help="Variations per source image.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--sigma", type=float, default=0.5, show_default=True,
+              help="Latent noise, in units of the prior's std (0 = reconstruction).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--class", "class_name", type=str, default=None,
+              help="Class of an unlabeled source (needed by conditional runs).")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--workers", type=int, default=None, help="Encoder threads (default: 1 per 2 CPU cores).")
+@click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--overwrite", is_flag=True, help="Replace variations made with other settings.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def command(run: Path, source: Path, n: int, out: Path, sigma: float, seed: int, class_name: str | None,
+            batch_size: int, workers: int | None, device: str, overwrite: bool, as_json: bool, quiet: bool) -> None:
+    """Write N variations of each image in SOURCE (an image file or a folder) using RUN's encoder.
+
+    Each image is encoded to mu by the latent encoder E; variation k decodes mu + sigma·eps_k with the EMA
+    generator. A labeled folder keeps its classes: OUT/<class>/<stem>_<k>.png, plus OUT/manifest.jsonl.
+
+    \b
+    Examples:
+      augment-gan vary runs/digits examples/digits --n 4 --out varied/digits
+      augment-gan vary runs/digits photo.png --n 16 --sigma 0.3 --class 7 --out varied/seven
+    """
+    from augment_gan.vary import VaryConfig, vary
+
+    config = VaryConfig(n=n, sigma=sigma, seed=seed, class_name=class_name, overwrite=overwrite, device=device,
+                        batch_size=batch_size, workers=workers, progress=not quiet)
+    summary = vary(run, source, out, config)
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2))
+        return
+    click.echo(f"{summary.images} variations of {summary.sources} images in {summary.out}: {summary.written} "
+               f"written, {summary.existing} already there, {summary.seconds:.1f} s")
+    click.echo(f"Manifest: {summary.manifest}")

@@ -1,7 +1,7 @@
 """Session fixtures for synth/vary tests: a really tiny trained run on real MNIST digits.
 
-Imported with `pytest_plugins = ["tests.fixtures_run"]`-style plain imports from the test files that need
-it (conftest.py belongs to the data tests).
+Test files load them with `pytest_plugins = ["fixtures_run"]` (conftest.py belongs to the data tests), so
+one session trains once for every file.
 """
 from __future__ import annotations
 
@@ -12,6 +12,25 @@ import pytest
 
 # Small networks keep a training step and a generator batch a few milliseconds on a CPU.
 TINY_NETS = dict(g_channels=32, d_channels=8, min_channels=8, max_channels=32, z_dim=16)
+
+
+def save_random_checkpoint(run_dir: Path, config, channels: int, classes: list[str],
+                           data_root: Path | None = None) -> Path:
+    """An untrained checkpoint written by the real checkpoint code (for layout tests and benchmarks)."""
+    import torch
+
+    from augment_gan.checkpoint import save_checkpoint
+    from augment_gan.models import build_networks
+
+    torch.manual_seed(config.seed)
+    conditional = bool(classes)
+    g, d, e = build_networks(config, channels, len(classes))
+    g_ema = build_networks(config, channels, len(classes))[0]
+    g_ema.load_state_dict(g.state_dict())
+    meta = {"config": config.to_dict(), "conditional": conditional, "classes": list(classes),
+            "channels": channels, "resolution": config.resolution, "nimg": 0, "kimg": 0.0, "elapsed_s": 0.0,
+            "ada": {}, "data": {"root": str(data_root) if data_root else None, "classes": list(classes)}}
+    return save_checkpoint(run_dir, 0, {"G": g, "G_ema": g_ema, "D": d, "E": e}, {}, {}, meta)
 
 
 @pytest.fixture(scope="session")
@@ -27,23 +46,22 @@ def digits100(shared_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(digits100, tmp_path_factory) -> Path:
-    """A class-conditional run trained for 0.2 kimg (13 steps of 16) at 32px; returns the run directory."""
+    """A class-conditional run trained for 4 steps of 16 images at 32px; returns the run directory."""
     from augment_gan.config import TrainConfig
     from augment_gan.train import fit
 
     run = tmp_path_factory.mktemp("tiny-run")
-    config = TrainConfig(resolution=32, kimg=0.2, minutes=None, batch_size=16, **TINY_NETS)
+    config = TrainConfig(resolution=32, kimg=0.064, minutes=None, batch_size=16, **TINY_NETS)
     fit(digits100, config, run, device="cpu", progress=False)
     return run
 
 
 @pytest.fixture(scope="session")
-def tiny_uncond_run(digits100, tmp_path_factory) -> Path:
-    """The same tiny training, unconditional (flat synthetic layout)."""
+def uncond_run(digits100, tmp_path_factory) -> Path:
+    """An untrained unconditional checkpoint on the same digits (flat synthetic layout)."""
     from augment_gan.config import TrainConfig
-    from augment_gan.train import fit
 
-    run = tmp_path_factory.mktemp("tiny-uncond-run")
+    run = tmp_path_factory.mktemp("uncond-run")
     config = TrainConfig(resolution=32, kimg=0.1, minutes=None, batch_size=16, conditional=False, **TINY_NETS)
-    fit(digits100, config, run, device="cpu", progress=False)
+    save_random_checkpoint(run, config, 1, [], digits100)
     return run
