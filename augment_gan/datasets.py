@@ -93,6 +93,11 @@ def _read_manifest(path: Path) -> list[dict[str, Any]]:
             if missing:
                 raise UserError(f"{path}:{number}: missing key(s) {', '.join(missing)}")
             file = record["file"]
+            if file is None and record["kept"] is False:
+                # A candidate synth's filters rejected (--keep-top/--dedup): decided, never written.
+                record["_line"] = number
+                records.append(record)
+                continue
             # Manifest paths must stay inside the folder: a manifest is data, not a way to read other files.
             if not isinstance(file, str) or not file or PurePosixPath(file).is_absolute() \
                     or ".." in PurePosixPath(file).parts or "\\" in file:
