@@ -50,3 +50,21 @@ def write_fake_synth(source: Path, out: Path, *, classes: list[str] | None = Non
         "classes": names if conditional else [], "seed": 0, "n": index, "format": "png", "filters": ["d_score"],
     }))
     return out
+
+
+def write_tiny_checkpoint(run: Path, classes: list[str], channels: int = 1) -> Path:
+    """An untrained 32 px checkpoint (random weights) written by the real checkpoint code: enough to test
+    the plumbing of on-the-fly generation, not image quality. Returns the weights file."""
+    import torch
+
+    from augment_gan.checkpoint import save_checkpoint
+    from augment_gan.config import TrainConfig
+    from augment_gan.models import build_networks
+
+    config = TrainConfig(resolution=32, z_dim=16, g_channels=32, d_channels=16, min_channels=8, max_channels=32)
+    torch.manual_seed(0)
+    g, d, e = build_networks(config, channels, len(classes))
+    g_ema, _, _ = build_networks(config, channels, len(classes))
+    g_ema.load_state_dict(g.state_dict())
+    meta = {"config": config.to_dict(), "conditional": bool(classes), "classes": classes, "channels": channels}
+    return save_checkpoint(Path(run), 0, {"G": g, "G_ema": g_ema, "D": d, "E": e}, {}, {}, meta)

@@ -16,7 +16,7 @@ from torchvision.datasets import ImageFolder
 from augment_gan import (DistributedMixedSampler, GeneratorDataset, MixedDataset, MixedSampler, SyntheticImageFolder,
                          load_recipe)
 from augment_gan.errors import UserError
-from fakesynth import write_fake_synth
+from fakesynth import write_fake_synth, write_tiny_checkpoint
 
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
 
@@ -212,23 +212,9 @@ def test_synth_json_is_optional(tmp_path, shared_data):
 # GeneratorDataset. The generator is a small untrained one: what is tested is the plumbing (per-index
 # determinism, batching, labels, workers), not image quality.
 
-def _tiny_checkpoint(run: Path, classes: list[str], channels: int = 1) -> Path:
-    from augment_gan.checkpoint import save_checkpoint
-    from augment_gan.config import TrainConfig
-    from augment_gan.models import build_networks
-
-    config = TrainConfig(resolution=32, z_dim=16, g_channels=32, d_channels=16, min_channels=8, max_channels=32)
-    torch.manual_seed(0)
-    g, d, e = build_networks(config, channels, len(classes))
-    g_ema, _, _ = build_networks(config, channels, len(classes))
-    g_ema.load_state_dict(g.state_dict())
-    meta = {"config": config.to_dict(), "conditional": bool(classes), "classes": classes, "channels": channels}
-    return save_checkpoint(run, 0, {"G": g, "G_ema": g_ema, "D": d, "E": e}, {}, {}, meta)
-
-
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    return _tiny_checkpoint(tmp_path_factory.mktemp("run"), [str(i) for i in range(10)])
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("run"), [str(i) for i in range(10)])
 
 
 def test_generator_dataset_is_deterministic_per_index(tiny_checkpoint, real_digits):
@@ -270,7 +256,7 @@ def test_generator_dataset_label_errors(tiny_checkpoint, tmp_path):
         GeneratorDataset(tiny_checkpoint, 1, labels=["x"])
     with pytest.raises(UserError, match="real set lacks: 9"):
         GeneratorDataset(tiny_checkpoint, 1, class_to_idx={str(i): i for i in range(9)})
-    unconditional = _tiny_checkpoint(tmp_path / "u", [])
+    unconditional = write_tiny_checkpoint(tmp_path / "u", [])
     ds = GeneratorDataset(unconditional.parent.parent, 4)  # a run directory resolves to its latest checkpoint
     assert ds.targets == [-1] * 4 and ds[0][0].size == (32, 32)
     with pytest.raises(UserError, match="unconditional"):
