@@ -160,6 +160,14 @@ def _img(data: bytes, *, alt: str, width: int | None = None, pixelated: bool = T
     return f'<img{cls}{style} alt="{html.escape(alt)}" src="data:image/png;base64,{_png_b64(data)}">'
 
 
+def _upscaled_width(png: bytes, limit: int = 1000) -> int:
+    """Display width for a grid of small tiles: an integer multiple of its own width (crisp pixels)."""
+    from PIL import Image
+
+    width = Image.open(io.BytesIO(png)).size[0]
+    return width * max(1, limit // width)
+
+
 def _rows(pairs: list[tuple[str, str]]) -> str:
     return "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in pairs)
 
@@ -205,7 +213,7 @@ def _metrics_html(result: dict[str, Any], pairs_png: bytes | None) -> str:
     if pairs_png:
         out.append("<h3>Nearest neighbours</h3><p class=muted>Top row: the synthetic images closest to a real "
                    "image; bottom row: that real image. Identical pairs mean memorised training images.</p>"
-                   + _img(pairs_png, alt="closest synthetic/real pairs", width=None))
+                   + _img(pairs_png, alt="closest synthetic/real pairs", width=_upscaled_width(pairs_png)))
     return "\n".join(out)
 
 
