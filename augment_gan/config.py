@@ -71,8 +71,9 @@ class TrainConfig:
     encoder_weight: float = 1.0
     """Train the VAE-style latent encoder E (used by `vary`); E's loss never changes G or D."""
     encoder_kl_weight: float = 0.01
-    selfsup_fraction: float = 0.5
-    """Share of each batch that the self-supervised passes use (they cost an extra D forward)."""
+    selfsup_fraction: float = 0.25
+    """Share of each batch the self-supervised passes and the encoder see (each pass costs extra D or G
+    work; a quarter keeps their total cost below one adversarial D pass)."""
 
     # Differentiable augmentation of D's inputs (DiffAugment, Zhao et al. 2020) with adaptive p (ADA, Karras et al. 2020).
     diffaug: tuple[str, ...] = DIFFAUG_OPS

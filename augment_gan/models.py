@@ -116,7 +116,7 @@ class Discriminator(nn.Module):
     """Image (+ class) -> realness logit, plus self-supervised heads sharing the same trunk.
 
     Heads: `adv` (with class projection), `rotation` (4-way: 0/90/180/270°), `completion` (decodes the
-    image at up to 32×32 from the 4×4 trunk features, so D must understand the masked region).
+    image at up to 16×16 from the 4×4 trunk features, so D must understand the masked region).
     """
 
     feature_dim = 256
@@ -139,12 +139,15 @@ class Discriminator(nn.Module):
         self.adv = spectral_norm(nn.Linear(self.feature_dim, 1))
         self.project = spectral_norm(nn.Embedding(num_classes, self.feature_dim)) if num_classes else None
         self.rotation = nn.Linear(self.feature_dim, 4)
-        self.completion_resolution = min(resolution, 32)
-        dec: list[nn.Module] = []
-        c, res = c_in, 4
+        # A deliberately small decoder (nearest upsampling + 3×3 convs, 64 -> 16 channels) predicting the
+        # image at up to 16×16: at full width and resolution it cost more than D itself on a CPU, and D's
+        # features only need to know what belongs in the hole, not its fine texture.
+        self.completion_resolution = min(resolution, 16)
+        dec: list[nn.Module] = [nn.Conv2d(c_in, 64, 1), nn.LeakyReLU(0.2, True)]
+        c, res = 64, 4
         while res < self.completion_resolution:
             c_next = max(16, c // 2)
-            dec += [nn.ConvTranspose2d(c, c_next, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+            dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c_next, 3, 1, 1), nn.LeakyReLU(0.2, True)]
             c, res = c_next, res * 2
         dec += [nn.Conv2d(c, channels, 3, 1, 1), nn.Tanh()]
         self.completion = nn.Sequential(*dec)
@@ -169,7 +172,7 @@ class Discriminator(nn.Module):
         return self.rotation(self.features(x))
 
     def complete(self, x: torch.Tensor) -> torch.Tensor:
-        """Completion head: the image reconstructed from D's trunk, N×C×r×r with r = min(R, 32)."""
+        """Completion head: the image reconstructed from D's trunk, N×C×r×r with r = min(R, 16)."""
         return self.completion(self.trunk(x))
 
 

@@ -149,7 +149,7 @@ def test_networks_have_the_right_shapes_at_every_resolution(resolution):
     assert d(img, y).shape == (2,)
     assert d.features(img).shape == (2, Discriminator.feature_dim)
     assert d.rotation_logits(img).shape == (2, 4)
-    r = min(resolution, 32)
+    r = min(resolution, 16)
     assert d.complete(img).shape == (2, 3, r, r)
     mu, logvar = e(img)
     assert mu.shape == logvar.shape == (2, cfg.z_dim)
