@@ -211,7 +211,9 @@ def markdown_table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    args.command = "python benchmarks/bench_fit.py " + " ".join(argv)
     try:
         if args.minutes <= 0 or args.samples < 2 or args.classifier_steps < 1 or args.threads < 1:
             raise UserError("--minutes must be > 0, --samples >= 2, --classifier-steps >= 1, --threads >= 1")
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, datasets: list[tuple[str, Path]], models: list[str], out: Path) -> int:
     torch.set_num_threads(args.threads)
     cache_dir = out / "cache"
-    results: dict = {"command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:])]), "started": _dt.datetime.now().isoformat(timespec="seconds"),
+    results: dict = {"command": args.command, "started": _dt.datetime.now().isoformat(timespec="seconds"),
                      "package_version": __version__, "torch": torch.__version__, "platform": platform.platform(),
                      "minutes": args.minutes, "samples": args.samples, "threads": args.threads, "device": args.device,
                      "seed": args.seed, "resolution": RESOLUTION, "models": models, "datasets": {}}
