@@ -1,8 +1,8 @@
 """Merge real and synthetic images into one augmented ImageFolder on disk, for tools outside Python.
 
 The output holds `copies` augmented versions of every real image (the recipe's real pipeline) plus
-synthetic images in the recipe's real:synthetic ratio (its synthetic pipeline), all at one resolution
-and channel count so any trainer can read the folder as is:
+synthetic images in the recipe's real:synthetic ratio within every class (its synthetic pipeline), all at
+one resolution and channel count so any trainer can read the folder as is:
 
     OUT/<class>/real-<i:06d>-<copy>.png       i = index of the real image in the sorted folder
     OUT/<class>/synth-<index:06d>-<pass>.png  index = the synth manifest index; pass > 0 only on reuse
@@ -104,8 +104,9 @@ def merge_folders(real: str | os.PathLike, synthetic: str | os.PathLike | None, 
     `resolution` defaults to the synthetic images' size (else 64); real images are read with
     `augment_gan.data` (`fit`, `background`, `channels`) and synthetic ones follow the real set's
     channel count. The number of synthetic outputs is round(ratio / (1 - ratio) × real outputs), with
-    ratio from the recipe's mix section; synthetic images are used without repeats first, and reused
-    (with a different augmentation, pass > 0) only when the set is too small.
+    ratio from the recipe's mix section, split over the classes like the real outputs; within a class,
+    synthetic images are used without repeats first, and reused (with a different augmentation,
+    pass > 0) only when the class has too few.
     """
     from tqdm import tqdm
 
@@ -162,28 +163,44 @@ def merge_folders(real: str | os.PathLike, synthetic: str | os.PathLike | None, 
 
     n_real_out = len(real_set) * copies
     ratio = real_recipe.ratio if synth_set is not None else 0.0
-    n_synth_out = round(ratio / (1 - ratio) * n_real_out) if ratio else 0
 
     # Plan every output before writing anything: (kind, source index, copy/pass, relative name, class).
     plan: list[tuple[int, int, int, str, str | None]] = []
+    real_per_group: dict[str | None, int] = {}
     for i in range(len(real_set)):
         cls = real_set.classes[real_set.labels[i]] if labeled else None
+        real_per_group[cls] = real_per_group.get(cls, 0) + copies
         for k in range(copies):
             name = f"real-{i:06d}-{k}.png"
             plan.append((_REAL, i, k, f"{cls}/{name}" if cls else name, cls))
-    if n_synth_out:
-        n_avail = len(synth_set)
-        rng = np.random.default_rng(np.random.SeedSequence([seed, _SYNTHETIC]))
-        passes = -(-n_synth_out // n_avail)
-        stream = np.concatenate([rng.permutation(n_avail) for _ in range(passes)])[:n_synth_out]
-        if passes > 1:
-            print(f"the synthetic set has {n_avail} images for {n_synth_out} synthetic outputs; "
-                  "reusing some with different augmentations", file=sys.stderr)
-        for j, s in enumerate(stream):
-            record = synth_set.records[s]
-            cls = record["class"]
-            name = f"synth-{int(record['index']):06d}-{j // n_avail}.png"
-            plan.append((_SYNTHETIC, int(s), j // n_avail, f"{cls}/{name}" if cls else name, cls))
+    n_synth_out = 0
+    if ratio:
+        # Per class, so the merged folder keeps the real class balance: each class gets ratio/(1-ratio)
+        # synthetic images per real output, from its own synthetic images (largest-remainder rounding
+        # makes the total exactly round(ratio/(1-ratio) × real outputs of the classes that have some).
+        groups: dict[str | None, list[int]] = {}
+        for s, record in enumerate(synth_set.records):
+            groups.setdefault(record["class"], []).append(s)
+        names = [g for g in real_per_group if g in groups]
+        want = np.array([ratio / (1 - ratio) * real_per_group[g] for g in names])
+        n_synth_out = round(float(want.sum()))
+        share = np.floor(want).astype(int)
+        for g in np.argsort(-(want - share), kind="stable")[: n_synth_out - int(share.sum())]:
+            share[g] += 1
+        for g, count in zip(names, share):
+            members = groups[g]
+            rng = np.random.default_rng(np.random.SeedSequence([seed, _SYNTHETIC, names.index(g)]))
+            passes = -(-int(count) // len(members))
+            stream = np.concatenate([rng.permutation(len(members)) for _ in range(passes)])[:count]
+            if passes > 1:
+                where = f"class {g}: " if g is not None else ""
+                print(f"{where}{len(members)} synthetic images for {count} outputs; reusing some with different "
+                      "augmentations", file=sys.stderr)
+            for j, m in enumerate(stream):
+                s = members[m]
+                record = synth_set.records[s]
+                name = f"synth-{int(record['index']):06d}-{j // len(members)}.png"
+                plan.append((_SYNTHETIC, s, j // len(members), f"{g}/{name}" if g else name, g))
 
     if clear:
         _clear_out(out)

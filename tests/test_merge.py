@@ -55,8 +55,9 @@ def test_merge_writes_expected_counts_and_provenance(real_digits, fake_synth_fol
     names = Counter(p.name.split("-")[0] for p in files)
     assert names == {"real": 48, "synth": 16}
     assert {p.parent.name for p in files} == {"1", "4", "7"}
-    for cls in ("1", "4", "7"):
+    for cls in ("1", "4", "7"):  # the real class balance holds for the synthetic images too
         assert sum(1 for p in files if p.parent.name == cls and p.name.startswith("real")) == 16
+        assert sum(1 for p in files if p.parent.name == cls and p.name.startswith("synth")) in (5, 6)
     # One resolution and channel count: the synthetic size (32 px), grayscale like the real digits.
     for path in files[:5] + files[-5:]:
         with Image.open(path) as image:
