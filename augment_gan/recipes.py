@@ -31,6 +31,10 @@ import yaml
 
 from augment_gan.errors import UserError
 
+# albumentations checks PyPI for a newer version on every import (an HTTP request with a 2 s timeout).
+# augment-gan never touches the network at run time, so turn that off unless the user chose otherwise.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
 RECIPE_KEYS = ("description", "mix", "real", "synthetic")
 MIX_KEYS = ("use_synthetic", "synthetic_ratio")
 PIPELINE_KEYS = ("__version__", "transform")

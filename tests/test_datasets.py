@@ -261,3 +261,12 @@ def test_generator_dataset_label_errors(tiny_checkpoint, tmp_path):
     assert ds.targets == [-1] * 4 and ds[0][0].size == (32, 32)
     with pytest.raises(UserError, match="unconditional"):
         GeneratorDataset(unconditional, 4, labels="balanced")
+
+
+def test_rejected_candidates_without_files_are_skipped(tmp_path, shared_data):
+    # synth --keep-top/--dedup records candidates it decided not to write: file null, kept false.
+    folder = write_fake_synth(shared_data / "mnist", tmp_path / "s", classes=["5"], per_class=2, rejected_per_class=0)
+    with open(folder / "manifest.jsonl", "a") as f:
+        f.write(json.dumps({"file": None, "index": None, "seed": 0, "class": "5", "label": 0, "truncation": 1.0,
+                            "checkpoint": "0" * 64, "d_score": -3.0, "kept": False, "filter": "keep-top"}) + "\n")
+    assert len(SyntheticImageFolder(folder)) == 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import albumentations as A
 import numpy as np
 import pytest
 import torch
@@ -15,6 +14,8 @@ from torch.utils.data import DataLoader, Dataset
 from augment_gan.errors import UserError
 from augment_gan.pixels import hwc_to_nchw, to_float
 from augment_gan.recipes import Recipe, list_recipes, load_recipe, read_recipe_text, seed_pipeline
+
+import albumentations as A  # noqa: E402  (after augment_gan.recipes, which turns off its update check)
 
 SHIPPED = ["heavy", "light", "none", "standard"]
 
@@ -221,3 +222,9 @@ def test_recipes_load_from_package_data_not_the_checkout(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     random.seed(0)
     assert load_recipe("standard").name == "standard"
+
+
+def test_importing_recipes_turns_off_the_albumentations_update_check():
+    import os
+
+    assert os.environ.get("NO_ALBUMENTATIONS_UPDATE") == "1"
