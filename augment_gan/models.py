@@ -25,11 +25,15 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm whose batch statistics cover the global batch when running under torch.distributed.
 
     torch's SyncBatchNorm only runs on GPUs; this works on any backend (gloo included), so that N ranks
-    with batch B/N compute what one process computes with batch B.
+    with batch B/N compute what one process computes with batch B. Set `sync = False` for computations
+    only one rank runs (standing statistics at checkpoint time).
     """
 
+    sync = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and self.sync and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce  # differentiable all-reduce
 
@@ -48,6 +52,31 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
         x_hat = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
         return x_hat * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+
+@torch.no_grad()
+def standing_statistics(g: "Generator", z: torch.Tensor, y: torch.Tensor | None, batch_size: int) -> None:
+    """Recompute G's BatchNorm running statistics for its own current weights (BigGAN's "standing stats").
+
+    The EMA generator's averaged weights never ran in train mode, so statistics copied from G do not
+    match them; sampling in eval mode with mismatched statistics shrinks the variety between samples.
+    Runs the batches of `z` (and labels `y`) through G in train mode with a cumulative average; only this
+    process computes (no cross-rank reduction), so rank 0 can call it alone.
+    """
+    norms = [m for m in g.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [(m.momentum, getattr(m, "sync", None)) for m in norms]
+    was_training = g.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.sync = False
+    g.train()
+    for start in range(0, z.shape[0], batch_size):
+        g(z[start:start + batch_size], None if y is None else y[start:start + batch_size])
+    for m, (momentum, sync) in zip(norms, saved):
+        m.momentum = momentum
+        m.sync = sync
+    g.train(was_training)
 
 
 def _widths(start: int, steps: int, factor: float, lo: int, hi: int) -> list[int]:

@@ -30,7 +30,7 @@ from augment_gan.config import TrainConfig
 from augment_gan.device import resolve_device
 from augment_gan.errors import UserError
 from augment_gan.grid import save_grid
-from augment_gan.models import build_networks
+from augment_gan.models import build_networks, standing_statistics
 from augment_gan.pixels import hwc_to_nchw, to_float
 
 # Config fields a resumed run may change: they set how long and how often, not what is computed.
@@ -281,6 +281,14 @@ def _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank,
                 "channels": channels, "resolution": config.resolution, "nimg": nimg,
                 "kimg": nimg / 1000, "elapsed_s": elapsed_before + (time.monotonic() - t_start),
                 "ada": ada.state(), "data": data_info}
+        # Standing statistics for the EMA generator, from a fixed stream of latents so that the checkpoint is
+        # a function of the training state alone (the next step overwrites these buffers again).
+        stand = torch.Generator().manual_seed(config.seed + 2)
+        n_stand = 8 * B
+        stand_z = torch.randn(n_stand, config.z_dim, generator=stand).to(dev)
+        stand_y = labels[torch.randint(n_images, (n_stand,), generator=stand)].to(dev) if conditional else None
+        with _autocast(dev):
+            standing_statistics(G_ema, stand_z, stand_y, B)
         path = save_checkpoint(out_dir, step, nets, optims, {"loop": gen.get_state()}, meta)
         with torch.no_grad():
             y = (torch.arange(min(len(classes), 16)).repeat_interleave(config.grid_size).to(dev)
