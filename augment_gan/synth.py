@@ -42,8 +42,10 @@ import json
 import math
 import os
 import re
+import struct
 import sys
 import time
+import zlib
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -59,8 +61,8 @@ from augment_gan.errors import UserError
 FORMATS = ("png", "jpg", "webp")
 _PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 DEFAULT_QUALITY = {"png": None, "jpg": 95, "webp": 90}
-# zlib level 1 is still lossless; on 32-64px GAN samples it is ~1.5x faster than Pillow's default 6 for
-# files ~10% larger (benchmarks/bench_synth.py), and encoding competes with G for the same 2 cores.
+# zlib level 1 is still lossless (every PNG is); on 32-64px MNIST/emoji it costs 0.6-0.8x the CPU of level 6
+# for files 4-7% larger, and encoding competes with G for the same 2 cores.
 PNG_COMPRESS_LEVEL = 1
 GROUP_SIZE = 256
 DEDUP_SIZE = 16
@@ -109,7 +111,11 @@ class SynthConfig:
     overwrite: bool = False
     device: str = "auto"
     workers: int | None = None
-    """Encoder threads (default 1 per 2 CPU cores, at least 1)."""
+    """Encoder threads (default: 1 per 8 cores on a CPU device, all cores but one with a GPU)."""
+    threads: int | None = None
+    """torch intra-op threads while generating on a CPU (default: the cores the encoders leave free)."""
+    pool: str = "thread"
+    """Encoder pool: "thread" or "process" (threads measured faster; see benchmarks/bench_synth.py)."""
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -140,6 +146,10 @@ class SynthConfig:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 1:
             raise UserError(f"--workers must be >= 1, got {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {self.threads}")
+        if self.pool not in ("thread", "process"):
+            raise UserError(f"unknown writer pool {self.pool!r}; choose thread or process")
         if self.shard is not None:
             k, n = self.shard
             if not (n >= 1 and 0 <= k < n):
@@ -170,6 +180,7 @@ class SynthSummary:
     seconds: float
     images_per_second: float
     workers: int
+    threads: int
     batch_size: int
     device: str
     shard_manifest: str | None = None
@@ -206,9 +217,21 @@ def default_batch_size(resolution: int) -> int:
     return 256 if resolution <= 64 else max(16, 256 * 64 * 64 // resolution**2)
 
 
-def default_workers() -> int:
-    # Measured on 2 cores: one encoder thread overlaps G's forward best; G's own threads use the rest.
-    return max(1, (os.cpu_count() or 2) // 2)
+def default_workers(device_type: str = "cpu") -> int:
+    """Encoder threads: on a CPU device one per 8 cores (encoding a PNG costs ~5-15% of generating it, see
+    benchmarks/bench_synth.py); with a GPU generating, every core but one."""
+    cores = os.cpu_count() or 2
+    return max(1, cores // 8) if device_type == "cpu" else max(1, cores - 1)
+
+
+def default_torch_threads(workers: int) -> int:
+    """G's intra-op threads on a CPU device: the cores the encoders leave free.
+
+    Oversubscribing hurts: with 2 cores, 2 OpenMP threads and an encoder thread, OpenMP threads wait at
+    their barriers for the one the encoder displaced, and synth reached 73-81% of the forward rate against
+    87-94% with 1 OpenMP thread + 1 encoder thread (benchmarks/bench_synth.py, 32px, tmpfs).
+    """
+    return max(1, (os.cpu_count() or 2) - workers)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -357,13 +380,39 @@ def select(unit: Unit, scores: dict[int, float] | None, dropped: set[int], keep_
 # ----------------------------------------------------------------------------------------------------
 # Files: encoding, atomic writes, validation.
 
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = _png_chunk(b"IEND", b"")
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """uint8 H×W×C (C = 1: grayscale, 3: RGB) -> a lossless 8-bit PNG file.
+
+    A minimal writer (IHDR, one IDAT with scanline filter 0 and zlib level 1, IEND) instead of Pillow's:
+    on 32-64px images Pillow's per-file overhead costs ~3x the CPU (150 vs 50 us at 32px, 335 vs 130 us
+    at 64px RGB, measured on MNIST/emoji) for files of about the same size, and on 2 cores that CPU is
+    taken from the generator. Any PNG reader decodes it; the bytes depend only on the pixels and zlib.
+    """
+    h, w, c = array.shape
+    if array.dtype != np.uint8 or c not in (1, 3):
+        raise ValueError(f"png_bytes takes uint8 H×W×1 or H×W×3, got {array.dtype} {array.shape}")
+    raw = np.zeros((h, 1 + w * c), np.uint8)  # each scanline starts with its filter type, 0 = none
+    raw[:, 1:] = array.reshape(h, w * c)
+    header = struct.pack(">IIBBBBB", w, h, 8, 0 if c == 1 else 2, 0, 0, 0)
+    return b"".join((_PNG_SIGNATURE, _png_chunk(b"IHDR", header),
+                     _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), PNG_COMPRESS_LEVEL)), _PNG_END))
+
+
 def encode_image(array: np.ndarray, fmt: str, quality: int | None = None) -> bytes:
-    """uint8 H×W×C (C = 1 or 3) -> file bytes. Deterministic for a given Pillow/zlib/libwebp build."""
+    """uint8 H×W×C (C = 1 or 3) -> file bytes. Deterministic for a given zlib/libjpeg/libwebp build."""
+    if fmt == "png":
+        return png_bytes(array)
     image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
     buf = io.BytesIO()
-    if fmt == "png":
-        image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    elif fmt == "jpg":
+    if fmt == "jpg":
         image.save(buf, format="JPEG", quality=quality or DEFAULT_QUALITY["jpg"])
     elif fmt == "webp":
         image.save(buf, format="WEBP", quality=quality or DEFAULT_QUALITY["webp"], method=4)
@@ -372,26 +421,36 @@ def encode_image(array: np.ndarray, fmt: str, quality: int | None = None) -> byt
     return buf.getvalue()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` through `<name>.tmp-<pid>` in the same folder and a rename.
 
     No fsync: this protects against a killed process (the case resume handles), not against power loss,
-    and an fsync per small image would cost more than encoding it.
+    and an fsync per small image would cost more than generating it. Plain os calls, not file objects:
+    this runs once per image.
     """
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        fd = os.open(tmp, _CREATE, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         try:
-            tmp.unlink()
+            os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
 
 
-def _write_chunk(items: list[tuple[np.ndarray, Path]], fmt: str, quality: int | None) -> int:
+def _write_chunk(items: list[tuple[np.ndarray, str]], fmt: str, quality: int | None) -> int:
     for array, path in items:
         write_atomic(path, encode_image(array, fmt, quality))
     return len(items)
@@ -749,19 +808,27 @@ def pick_device(name: str) -> Any:
 
 
 class ImageWriter:
-    """Encodes and writes images in a thread pool, a bounded number of chunks ahead of the generator.
+    """Encodes and writes images in a worker pool, a bounded number of chunks ahead of the generator.
 
-    Threads, not processes: Pillow's encoders and file writes release the GIL, nothing has to be pickled
-    across, and on 2 cores the benchmark found no gain from processes (see benchmarks/bench_synth.py).
+    `pool="thread"` (the default) or `"process"`. Threads win on 2 cores (benchmarks/bench_synth.py): zlib
+    and file writes release the GIL, and a process pool pays for pickling every image across.
     """
 
-    def __init__(self, workers: int, fmt: str, quality: int | None, on_done: Any):
-        self.pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="synth-write")
+    def __init__(self, workers: int, fmt: str, quality: int | None, on_done: Any, pool: str = "thread"):
+        if pool == "thread":
+            self.pool: cf.Executor = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="synth-write")
+        elif pool == "process":
+            import multiprocessing
+
+            # spawn, not fork: forking a process whose OpenMP threads are running can deadlock.
+            self.pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        else:
+            raise UserError(f"unknown writer pool {pool!r}; choose thread or process")
         self.workers, self.fmt, self.quality, self.on_done = workers, fmt, quality, on_done
         self.inflight: deque = deque()
         self.max_inflight = 2 * workers
 
-    def submit(self, items: list[tuple[np.ndarray, Path]], payload: list[Any]) -> None:
+    def submit(self, items: list[tuple[np.ndarray, str]], payload: list[Any]) -> None:
         if not items:
             self.on_done(payload)
             return
@@ -821,7 +888,8 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
     filtered = config.keep_top is not None or config.dedup
     common = {"seed": config.seed, "truncation": config.truncation, "checkpoint": ckpt.digest}
     batch_size = config.batch_size or default_batch_size(ckpt.resolution)
-    workers = config.workers or default_workers()
+    workers = config.workers or default_workers(device.type)
+    threads = config.threads or (default_torch_threads(workers) if device.type == "cpu" else torch.get_num_threads())
 
     # Prepare the folder: clear a replaced set, remove stale temporaries, record the settings.
     out.mkdir(parents=True, exist_ok=True)
@@ -842,20 +910,24 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
             folder.mkdir(exist_ok=True)
 
     owned = plan.owned(shard)
-    pool_workers = workers
+    out_str = str(out)
     writer_rows: list[dict[str, Any]] = []
     counts = {"written": 0, "existing": 0}
     journal = open(out / _journal_name(shard), "a") if filtered else None
     bar = None
     ok = False
-    with cf.ThreadPoolExecutor(max_workers=max(pool_workers, 2)) as checker:
-        # Which files exist and decode (resume); a broken or foreign file is simply regenerated.
-        valid: dict[int, bool] = {}
-        if not config.overwrite:
-            finals = [(u, i) for u in owned for i in u.finals]
-            paths = [out / plan.relpath(u, i) for u, i in finals]
-            sizes = [ckpt.resolution] * len(paths)
-            valid = {i: ok_ for (_, i), ok_ in zip(finals, checker.map(readable_image, paths, sizes, chunksize=64))}
+    # Which files exist and decode (resume); a broken or foreign file is simply regenerated. Listing the
+    # folders first keeps a fresh run from probing every planned name.
+    valid: dict[int, bool] = {}
+    if not config.overwrite:
+        present = set()
+        for folder in {os.path.dirname(plan.relpath(u, u.finals[0])) for u in owned}:
+            with os.scandir(os.path.join(out_str, folder)) as entries:
+                present.update(f"{folder}/{e.name}" if folder else e.name for e in entries)
+        finals = [(i, rel) for u in owned for i in u.finals if (rel := plan.relpath(u, i)) in present]
+        with cf.ThreadPoolExecutor(max_workers=max(workers, 2)) as checker:
+            checks = checker.map(readable_image, [out / rel for _, rel in finals], [ckpt.resolution] * len(finals))
+            valid = {i: ok_ for (i, _), ok_ in zip(finals, checks)}
     cache = _load_rows(out, plan, common) if filtered and not config.overwrite else {}
     jobs: list[tuple[Unit, list[int]]] = []
     for unit in owned:
@@ -884,8 +956,10 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
     todo = sum(len(cands) if not filtered else len(unit.finals) for unit, cands in jobs)
     bar = tqdm(total=todo, desc=f"synth {shard[0]}/{shard[1]}" if shard[1] > 1 else "synth", unit="img",
                file=sys.stderr, disable=not config.progress or todo == 0, dynamic_ncols=True)
-    writer = ImageWriter(workers, config.format, config.quality, on_done)
+    writer = ImageWriter(workers, config.format, config.quality, on_done, config.pool)
     t_loop = time.perf_counter()
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         stream = [(unit, latent) for unit, cands in jobs for latent in cands]
         buffers: dict[int, dict[str, dict[int, Any]]] = {}
@@ -904,7 +978,8 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
                 nn = dedup.distances(images).tolist()
             arrays = np.ascontiguousarray(nchw_to_hwc(images))  # N×H×W×C
             if not filtered:
-                items = [(arrays[k], out / plan.relpath(unit, latent)) for k, (unit, latent) in enumerate(batch)]
+                items = [(arrays[k], os.path.join(out_str, plan.relpath(unit, latent)))
+                         for k, (unit, latent) in enumerate(batch)]
                 rows = [_plain_row(plan, unit, latent, common) for unit, latent in batch]
                 counts["written"] += len(items)
                 writer.submit(items, rows)
@@ -929,7 +1004,7 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
                     if valid.get(index) and not config.overwrite:
                         skip_rows.append(row)  # same settings, so the file already holds these bytes
                     else:
-                        items.append((buf["image"][c], out / rel))
+                        items.append((buf["image"][c], os.path.join(out_str, rel)))
                         rows.append(row)
                 counts["existing"] += len(skip_rows)
                 counts["written"] += len(items)
@@ -938,6 +1013,7 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
         writer.drain()
         ok = True
     finally:
+        torch.set_num_threads(saved_threads)
         writer.close(ok)
         bar.close()
         if journal is not None:
@@ -961,5 +1037,5 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
         dedup_threshold=dedup.threshold if dedup is not None else None,
         manifest=str(merged) if merged else None, seconds=round(seconds, 3),
         images_per_second=round(counts["written"] / loop_seconds, 2) if loop_seconds > 0 and counts["written"] else 0.0,
-        workers=workers, batch_size=batch_size, device=str(device),
+        workers=workers, threads=threads, batch_size=batch_size, device=str(device),
         shard_manifest=str(shard_manifest) if shard[1] > 1 else None)

@@ -188,7 +188,7 @@ def vary(checkpoint: Any, source: str | Path, out: str | Path, config: VaryConfi
                 "label": labels[s], "truncation": None, "checkpoint": ckpt.digest, "d_score": None, "kept": True,
                 "filter": None, "source": files[s], "k": k, "sigma": config.sigma, "posterior_std": std}
 
-    workers = config.workers or default_workers()
+    workers = config.workers or default_workers(device.type)
     bar = tqdm(total=len(jobs) - len(done), desc="vary", unit="img", file=sys.stderr,
                disable=not config.progress or len(jobs) == len(done), dynamic_ncols=True)
 

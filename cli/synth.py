@@ -25,7 +25,10 @@ import click
               help="Training images for --dedup (default: the folder recorded in the run).")
 @click.option("--shard", type=str, default=None, help="K/N: write only shard K of N (default: torchrun's RANK/WORLD_SIZE).")
 @click.option("--batch-size", type=int, default=None, help="Generator batch (never changes the images).")
-@click.option("--workers", type=int, default=None, help="Encoder threads (default: 1 per 2 CPU cores).")
+@click.option("--workers", type=int, default=None,
+              help="Encoder threads (default: 1 per 8 cores on CPU, all cores but one with a GPU).")
+@click.option("--threads", type=int, default=None,
+              help="torch threads for G on a CPU (default: the cores the encoders leave free).")
 @click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--overwrite", is_flag=True, help="Replace a set made with other settings.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -33,7 +36,7 @@ import click
 def command(run: Path, n: int | None, out: Path, per_class: int | None, classes: str | None, seed: int,
             truncation: float, fmt: str, quality: int | None, keep_top: float | None, dedup: bool,
             dedup_real: Path | None, shard: str | None, batch_size: int | None, workers: int | None,
-            device: str, overwrite: bool, as_json: bool, quiet: bool) -> None:
+            threads: int | None, device: str, overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Write N synthetic images from RUN (a run directory = its latest checkpoint, or a checkpoint file).
 
     Conditional runs write OUT/<class>/<index>.png (balanced unless --per-class/--classes), unconditional
@@ -55,7 +58,7 @@ def command(run: Path, n: int | None, out: Path, per_class: int | None, classes:
         classes=tuple(c.strip() for c in classes.split(",") if c.strip()) if classes is not None else None,
         keep_top=keep_top, dedup=dedup, dedup_real=str(dedup_real) if dedup_real else None,
         batch_size=batch_size, shard=parse_shard(shard) if shard is not None else None, overwrite=overwrite,
-        device=device, workers=workers, progress=not quiet)
+        device=device, workers=workers, threads=threads, progress=not quiet)
     summary = synth(run, out, config)
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))

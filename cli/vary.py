@@ -18,7 +18,7 @@ import click
 @click.option("--class", "class_name", type=str, default=None,
               help="Class of an unlabeled source (needed by conditional runs).")
 @click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--workers", type=int, default=None, help="Encoder threads (default: 1 per 2 CPU cores).")
+@click.option("--workers", type=int, default=None, help="Encoder threads (default: 1 per 8 cores on CPU, all cores but one with a GPU).")
 @click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--overwrite", is_flag=True, help="Replace variations made with other settings.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")

@@ -1,0 +1,155 @@
+"""Synth throughput: images written per second end to end vs the pure generator forward, same run.
+
+For each resolution (32px grayscale, 64px RGB, 10 classes) this builds the default generator from a
+TrainConfig (random weights, saved and loaded through augment_gan.checkpoint: the real code path) unless
+--checkpoint is given, then alternates, --repeats times:
+  * forward: G_ema(z, y) on pre-made batches of --batch-size under inference_mode, n images, nothing else;
+  * synth:   augment_gan.synth.synth(...) writing n PNGs (latents, G, uint8, encoding pool, atomic writes,
+             manifest) with each encoder-pool variant.
+Wall rates are medians over repeats. CPU ms/img is process CPU time (all threads) per image: on a shared
+machine the wall rate depends on what else runs, while forward-CPU / synth-CPU is the rate ratio an idle
+machine gives when both saturate the same cores.
+
+    python benchmarks/bench_synth.py                       # 10,000 images at 32 and 64px (~15 min on 2 cores)
+    python benchmarks/bench_synth.py --n 1000 --repeats 1  # quick look
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from augment_gan.checkpoint import load_checkpoint, save_checkpoint
+from augment_gan.config import TrainConfig
+from augment_gan.models import build_networks
+from augment_gan.synth import SynthConfig, synth
+
+VARIANTS = {  # name -> (encoder pool, encoders, torch threads; None = synth's defaults)
+    "synth (defaults)": (None, None, None),
+    "synth, 1 encoder thread, torch threads 1": ("thread", 1, 1),
+    "synth, 1 encoder thread, torch threads 2": ("thread", 1, 2),
+    "synth, 2 encoder threads, torch threads 1": ("thread", 2, 1),
+    "synth, 1 encoder process, torch threads 1": ("process", 1, 1),
+}
+FORWARDS = {"G forward, torch threads 1": 1, "G forward, torch threads 2": 2}
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # encoder processes, once they have exited
+    return usage.ru_utime + usage.ru_stime + children.ru_utime + children.ru_stime
+
+
+def random_run(folder: Path, resolution: int, channels: int, classes: int) -> Path:
+    """A checkpoint of the default architecture with random weights, written by the checkpoint module."""
+    config = TrainConfig(resolution=resolution)
+    torch.manual_seed(0)
+    g, d, e = build_networks(config, channels, classes)
+    meta = {"config": config.to_dict(), "conditional": classes > 0, "classes": [str(c) for c in range(classes)],
+            "channels": channels, "resolution": resolution, "nimg": 0, "kimg": 0.0, "elapsed_s": 0.0, "ada": {},
+            "data": {"root": None}}
+    g_ema = build_networks(config, channels, classes)[0]
+    g_ema.load_state_dict(g.state_dict())
+    save_checkpoint(folder, 0, {"G": g, "G_ema": g_ema, "D": d, "E": e}, {}, {}, meta)
+    return folder
+
+
+def forward_rate(ckpt, n: int, batch: int, threads: int) -> tuple[float, float]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _forward_rate(ckpt, n, batch)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _forward_rate(ckpt, n: int, batch: int) -> tuple[float, float]:
+    z = torch.randn(batch, ckpt.z_dim)
+    y = torch.arange(batch) % ckpt.num_classes if ckpt.num_classes else None
+    with torch.inference_mode():
+        ckpt.G_ema(z, y)  # warm-up
+        start, cpu = time.perf_counter(), cpu_seconds()
+        done = 0
+        while done < n:
+            ckpt.G_ema(z, y)
+            done += batch
+    return done / (time.perf_counter() - start), (cpu_seconds() - cpu) / done * 1e3
+
+
+def synth_rate(ckpt, n: int, batch: int, out: Path, pool: str | None, workers: int | None,
+               threads: int | None) -> tuple[float, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    start, cpu = time.perf_counter(), cpu_seconds()
+    summary = synth(ckpt, out, SynthConfig(n=n, batch_size=batch, workers=workers, threads=threads,
+                                           pool=pool or "thread", progress=False))
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    assert summary.written == n and summary.manifest, summary
+    shutil.rmtree(out, ignore_errors=True)
+    return n / wall, cpu / n * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--checkpoint", type=Path, default=None, help="a run or checkpoint instead of random weights")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="folder whose file system receives the images (default: the temp dir; try /dev/shm)")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-synth-"))
+    out_dir = Path(tempfile.mkdtemp(prefix="bench-synth-out-", dir=args.out_dir)) / "set"
+    rows = []
+    load_start = os.getloadavg()
+    try:
+        for res in args.resolutions:
+            if args.checkpoint is not None:
+                ckpt = load_checkpoint(args.checkpoint)
+            else:
+                ckpt = load_checkpoint(random_run(work / f"run{res}", res, 1 if res == 32 else 3, 10))
+            res = ckpt.resolution
+            results: dict[str, list[tuple[float, float]]] = {f: [] for f in FORWARDS}
+            results.update({v: [] for v in args.variants})
+            for rep in range(args.repeats):
+                for f, threads in FORWARDS.items():
+                    results[f].append(forward_rate(ckpt, args.n, args.batch_size, threads))
+                for v in args.variants:
+                    results[v].append(synth_rate(ckpt, args.n, args.batch_size, out_dir, *VARIANTS[v]))
+                print(f"{res}px repeat {rep + 1}: " + ", ".join(f"{k} {r[-1][0]:.0f} img/s" for k, r in results.items()),
+                      file=sys.stderr, flush=True)
+            # The reference is the faster forward: what a user gets without writing anything.
+            best = max(FORWARDS, key=lambda f: statistics.median(r for r, _ in results[f]))
+            fwd_rate = statistics.median(r for r, _ in results[best])
+            fwd_cpu = statistics.median(c for _, c in results[best])
+            for name, runs in results.items():
+                rate, cpu = statistics.median(r for r, _ in runs), statistics.median(c for _, c in runs)
+                rows.append((f"{res}px, {ckpt.channels}ch", name, rate, rate / fwd_rate, cpu, fwd_cpu / cpu))
+            if args.checkpoint is not None:
+                break
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(out_dir.parent, ignore_errors=True)
+    load_end = os.getloadavg()
+
+    print(f"\n{args.n:,} images per measurement, batch {args.batch_size}, median of {args.repeats}, "
+          f"{os.cpu_count()} CPUs, images written to {out_dir.parent}, load average "
+          f"{load_start[0]:.1f} -> {load_end[0]:.1f}; % of the faster G forward\n")
+    print("| resolution | what | images/s | % of forward (wall) | CPU ms/img | % of forward (CPU) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for res, name, rate, ratio, cpu, cpu_ratio in rows:
+        print(f"| {res} | {name} | {rate:.0f} | {ratio:.0%} | {cpu:.2f} | {cpu_ratio:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
