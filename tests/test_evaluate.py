@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from augment_gan.checkpoint import load_checkpoint
 from augment_gan.cli import app
 from augment_gan.evaluate import EvaluateConfig, compute, probe
 from fakesynth import write_fake_synth
@@ -131,7 +132,7 @@ def test_misuse_is_a_one_line_error(folders, tmp_path):
 def test_probe_reports_trained_and_random_discriminator(tiny_run, digits100):  # noqa: F811
     result = probe(tiny_run, digits100, EvaluateConfig(probe_steps=50), log=lambda m: None)
     assert result["n_train"] + result["n_test"] == 100 and result["classes"] == 10
-    assert result["feature_dim"] == 256
+    assert result["feature_dim"] == load_checkpoint(tiny_run).D.feature_dim
     for key in ("trained_d", "random_d"):
         assert 0.0 <= result[key] <= 1.0
     assert len(result["digest"]) == 64

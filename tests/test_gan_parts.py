@@ -147,7 +147,7 @@ def test_networks_have_the_right_shapes_at_every_resolution(resolution):
     img = g(z, y)
     assert img.shape == (2, 3, resolution, resolution) and img.abs().max() <= 1
     assert d(img, y).shape == (2,)
-    assert d.features(img).shape == (2, Discriminator.feature_dim)
+    assert d.features(img).shape == (2, d.feature_dim)
     assert d.rotation_logits(img).shape == (2, 4)
     r = min(resolution, 16)
     assert d.complete(img).shape == (2, 3, r, r)
