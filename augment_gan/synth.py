@@ -59,7 +59,6 @@ from augment_gan import __version__
 from augment_gan.errors import UserError
 
 FORMATS = ("png", "jpg", "webp")
-_PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 DEFAULT_QUALITY = {"png": None, "jpg": 95, "webp": 90}
 # zlib level 1 is still lossless (every PNG is); on 32-64px MNIST/emoji it costs 0.6-0.8x the CPU of level 6
 # for files 4-7% larger, and encoding competes with G for the same 2 cores.
@@ -902,8 +901,8 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
     if config.overwrite:
         for name in (MANIFEST, _shard_manifest_name(shard), _journal_name(shard)):
             (out / name).unlink(missing_ok=True)
-    for name in plan.classes:
-        if name is not None:
+    for name, count in zip(plan.classes, plan.counts):
+        if name is not None and count:  # no empty class folders: ImageFolder rejects them
             folder = out / name
             if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
                 raise UserError(f"{folder} exists and is not a plain folder; refusing to write through it")
@@ -960,15 +959,25 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
     t_loop = time.perf_counter()
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    prefetch = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="synth-latents")
     try:
         stream = [(unit, latent) for unit, cands in jobs for latent in cands]
+        starts = range(0, len(stream), batch_size)
         buffers: dict[int, dict[str, dict[int, Any]]] = {}
-        for start in range(0, len(stream), batch_size):
+
+        def batch_latents(start: int) -> Any:  # what sample.generate does before G, ψ included
+            ids = [latent for _, latent in stream[start:start + batch_size]]
+            return sample.latents(config.seed, ids, ckpt.z_dim) * config.truncation
+
+        # The next batch's latents are drawn on another thread while G runs (the main thread is G's).
+        next_z = prefetch.submit(batch_latents, 0) if stream else None
+        for start in starts:
             batch = stream[start:start + batch_size]
-            ids = [latent for _, latent in batch]
+            z = next_z.result()
+            if start + batch_size < len(stream):
+                next_z = prefetch.submit(batch_latents, start + batch_size)
             labels = [unit.label for unit, _ in batch] if ckpt.num_classes else None
-            images = sample.generate(ckpt, ids, seed=config.seed, labels=labels, truncation=config.truncation,
-                                     device=device)  # uint8 N×C×H×W on the CPU
+            images = sample.decode(ckpt, z, labels, device=device)  # uint8 N×C×H×W on the CPU
             scores = nn = None
             if config.keep_top is not None:
                 y = torch.tensor(labels, device=device) if labels is not None else None
@@ -1014,6 +1023,7 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
         ok = True
     finally:
         torch.set_num_threads(saved_threads)
+        prefetch.shutdown(wait=True)
         writer.close(ok)
         bar.close()
         if journal is not None:

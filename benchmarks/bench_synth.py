@@ -6,11 +6,13 @@ TrainConfig (random weights, saved and loaded through augment_gan.checkpoint: th
   * forward: G_ema(z, y) on pre-made batches of --batch-size under inference_mode, n images, nothing else;
   * synth:   augment_gan.synth.synth(...) writing n PNGs (latents, G, uint8, encoding pool, atomic writes,
              manifest) with each encoder-pool variant.
-Wall rates are medians over repeats. CPU ms/img is process CPU time (all threads) per image: on a shared
-machine the wall rate depends on what else runs, while forward-CPU / synth-CPU is the rate ratio an idle
-machine gives when both saturate the same cores.
+On a shared machine wall rates swing with what else runs, so each repeat measures everything back to back
+and the table gives the median of the paired ratios synth / faster-forward-of-that-repeat. CPU ms/img is the
+process CPU time (all threads) per image, far steadier under load; the last column compares it with the
+cheaper forward's (1 thread: no OpenMP synchronisation).
 
     python benchmarks/bench_synth.py                       # 10,000 images at 32 and 64px (~15 min on 2 cores)
+    python benchmarks/bench_synth.py --out-dir /dev/shm    # the same, files on tmpfs (no disk in the loop)
     python benchmarks/bench_synth.py --n 1000 --repeats 1  # quick look
 """
 from __future__ import annotations
@@ -33,8 +35,7 @@ from augment_gan.models import build_networks
 from augment_gan.synth import SynthConfig, synth
 
 VARIANTS = {  # name -> (encoder pool, encoders, torch threads; None = synth's defaults)
-    "synth (defaults)": (None, None, None),
-    "synth, 1 encoder thread, torch threads 1": ("thread", 1, 1),
+    "synth, defaults (1 encoder thread, torch threads 1)": (None, None, None),
     "synth, 1 encoder thread, torch threads 2": ("thread", 1, 2),
     "synth, 2 encoder threads, torch threads 1": ("thread", 2, 1),
     "synth, 1 encoder process, torch threads 1": ("process", 1, 1),
@@ -101,7 +102,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--resolutions", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--checkpoint", type=Path, default=None, help="a run or checkpoint instead of random weights")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out-dir", type=Path, default=None,
@@ -122,19 +123,22 @@ def main() -> None:
             results: dict[str, list[tuple[float, float]]] = {f: [] for f in FORWARDS}
             results.update({v: [] for v in args.variants})
             for rep in range(args.repeats):
+                # One repeat measures everything back to back, so a paired ratio sees the same machine load.
                 for f, threads in FORWARDS.items():
                     results[f].append(forward_rate(ckpt, args.n, args.batch_size, threads))
                 for v in args.variants:
                     results[v].append(synth_rate(ckpt, args.n, args.batch_size, out_dir, *VARIANTS[v]))
                 print(f"{res}px repeat {rep + 1}: " + ", ".join(f"{k} {r[-1][0]:.0f} img/s" for k, r in results.items()),
                       file=sys.stderr, flush=True)
-            # The reference is the faster forward: what a user gets without writing anything.
-            best = max(FORWARDS, key=lambda f: statistics.median(r for r, _ in results[f]))
-            fwd_rate = statistics.median(r for r, _ in results[best])
-            fwd_cpu = statistics.median(c for _, c in results[best])
+            # Reference: in each repeat, the faster G forward (what a user gets without writing anything).
+            best = [max(results[f][rep][0] for f in FORWARDS) for rep in range(args.repeats)]
+            fwd_cpu = min(statistics.median(c for _, c in results[f]) for f in FORWARDS)
             for name, runs in results.items():
-                rate, cpu = statistics.median(r for r, _ in runs), statistics.median(c for _, c in runs)
-                rows.append((f"{res}px, {ckpt.channels}ch", name, rate, rate / fwd_rate, cpu, fwd_cpu / cpu))
+                ratios = sorted(r / b for (r, _), b in zip(runs, best))
+                rates = [r for r, _ in runs]
+                rows.append((f"{res}px, {ckpt.channels}ch", name, statistics.median(rates), min(rates), max(rates),
+                             statistics.median(ratios), ratios[0], ratios[-1],
+                             statistics.median(c for _, c in runs), fwd_cpu))
             if args.checkpoint is not None:
                 break
     finally:
@@ -145,11 +149,12 @@ def main() -> None:
     print(f"\n{args.n:,} images per measurement, batch {args.batch_size}, median of {args.repeats}, "
           f"{os.cpu_count()} CPUs, images written to {out_dir.parent}, load average "
           f"{load_start[0]:.1f} -> {load_end[0]:.1f}; % of the faster G forward\n")
-    print("| resolution | what | images/s | % of forward (wall) | CPU ms/img | % of forward (CPU) |")
+    print("| resolution | what | images/s median (min-max) | % of G forward, paired (min-max) "
+          "| CPU ms/img | least forward CPU / this |")
     print("|---|---|---:|---:|---:|---:|")
-    for res, name, rate, ratio, cpu, cpu_ratio in rows:
-        print(f"| {res} | {name} | {rate:.0f} | {ratio:.0%} | {cpu:.2f} | {cpu_ratio:.0%} |")
-
+    for res, name, rate, lo, hi, ratio, rlo, rhi, cpu, fwd_cpu in rows:
+        print(f"| {res} | {name} | {rate:.0f} ({lo:.0f}-{hi:.0f}) | {ratio:.0%} ({rlo:.0%}-{rhi:.0%}) "
+              f"| {cpu:.2f} | {fwd_cpu / cpu:.0%} |")
 
 if __name__ == "__main__":
     main()

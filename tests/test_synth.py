@@ -242,6 +242,8 @@ def test_labels_follow_the_checkpoint_classes(ckpt, uncond_run, tmp_path):
     assert s.images == 6 and [r["class"] for r in rows] == ["7", "2"] * 3
     assert all(r["label"] == ckpt.classes.index(r["class"]) for r in rows)
     assert [r["file"] for r in rows[:2]] == ["7/000000.png", "2/000001.png"]
+    few = synth(ckpt, tmp_path / "few", config(n=3))                  # fewer images than classes
+    assert few.images == 3 and sorted(p.name for p in (tmp_path / "few").iterdir() if p.is_dir()) == ["0", "1", "2"]
     flat = synth(uncond_run, tmp_path / "flat", config(n=10))
     rows = manifest(tmp_path / "flat")
     assert flat.images == 10 and [r["file"] for r in rows] == [f"{i:06d}.png" for i in range(10)]
