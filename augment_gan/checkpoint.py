@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import warnings
 from dataclasses import dataclass, fields
@@ -25,6 +24,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from augment_gan import __version__
+from augment_gan.atomic import write_bytes_atomic
 from augment_gan.config import TrainConfig
 from augment_gan.errors import UserError
 from augment_gan.models import Discriminator, Encoder, Generator, build_networks
@@ -32,21 +32,6 @@ from augment_gan.models import Discriminator, Encoder, Generator, build_networks
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt-(\d{8,})\.safetensors$")
 NETWORKS = ("G", "G_ema", "D", "E")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same folder and a rename (never a partial file)."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -130,10 +115,10 @@ def save_checkpoint(run_dir: Path, step: int, networks: dict[str, nn.Module],
         tensors, groups[name] = _flatten_optimizer(f"opt.{name}", opt)
         state.update(tensors)
     base = folder / f"ckpt-{step:08d}"
-    atomic_write_bytes(base.with_suffix(".safetensors"), st_save(weights, metadata={"augment_gan": meta_json}))
-    atomic_write_bytes(base.with_suffix(".state.safetensors"),
+    write_bytes_atomic(base.with_suffix(".safetensors"), st_save(weights, metadata={"augment_gan": meta_json}))
+    write_bytes_atomic(base.with_suffix(".state.safetensors"),
                        st_save(state, metadata={"param_groups": json.dumps(groups)}))
-    atomic_write_bytes(base.with_suffix(".json"), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(base.with_suffix(".json"), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     return base.with_suffix(".safetensors")
 
 

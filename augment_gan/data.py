@@ -32,6 +32,7 @@ import PIL
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from augment_gan.atomic import open_atomic, write_bytes_atomic
 from augment_gan.errors import UserError
 
 __all__ = [
@@ -514,17 +515,6 @@ def _cache_names(scan: FolderScan, options: ReadOptions) -> tuple[str, str]:
     return f"{prefix}-{key[:24]}", prefix
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fp:
-            write(fp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
 def _load_cached(npy: Path, sidecar: Path, scan: FolderScan) -> ImageSet | None:
     try:
         meta = json.loads(sidecar.read_text())
@@ -563,8 +553,9 @@ def _save_cached(dataset: ImageSet, options: ReadOptions, cache_dir: Path, stem:
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         # The array first, the sidecar last: an entry only counts once its sidecar exists.
-        _atomic_write(npy, lambda fp: np.save(fp, np.ascontiguousarray(dataset.images), allow_pickle=False))
-        _atomic_write(sidecar, lambda fp: fp.write(json.dumps(meta).encode()))
+        with open_atomic(npy, durable=False) as fp:  # a cache: losing it on power failure only costs a decode
+            np.save(fp, np.ascontiguousarray(dataset.images), allow_pickle=False)
+        write_bytes_atomic(sidecar, json.dumps(meta).encode(), durable=False)
     except OSError as exc:
         _warn(f"could not write the cache in {cache_dir} ({exc.strerror or exc}); continuing without it")
         return None

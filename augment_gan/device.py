@@ -1,7 +1,12 @@
 """Choosing the torch device: `auto` picks CUDA, then MPS, then the CPU; nothing is checked at import."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from augment_gan.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 

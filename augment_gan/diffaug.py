@@ -8,7 +8,6 @@ process would. Inputs and outputs are float N×C×H×W in [-1, 1].
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 Params = dict[str, torch.Tensor]
 

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from augment_gan.atomic import write_bytes_atomic
 from augment_gan.errors import UserError
 
 FEATURE_KINDS = ("auto", "classifier", "random", "inception")
@@ -426,12 +427,11 @@ def evaluate(real: str | Path, synthetic: str | Path, config: EvaluateConfig = E
     evaluation = compute(real, synthetic, config, cache_dir=cache_dir, progress=progress, log=log)
     result = evaluation.result
     if out_dir is not None:
-        from augment_gan.checkpoint import atomic_write_bytes
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(targets[1], evaluation.pairs_png)
+        write_bytes_atomic(targets[1], evaluation.pairs_png)
         result["memorisation"]["pairs_png"] = str(targets[1])
-        atomic_write_bytes(targets[0], (json.dumps(result, indent=2) + "\n").encode())
+        write_bytes_atomic(targets[0], (json.dumps(result, indent=2) + "\n").encode())
     return result
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from augment_gan.checkpoint import atomic_write_bytes
+from augment_gan.atomic import write_bytes_atomic
 from augment_gan.pixels import nchw_to_hwc, to_uint8
 
 
@@ -30,4 +30,4 @@ def save_grid(images: torch.Tensor, ncols: int, path: Path) -> None:
     pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
     buf = io.BytesIO()
     pil.save(buf, format="PNG")
-    atomic_write_bytes(Path(path), buf.getvalue())
+    write_bytes_atomic(Path(path), buf.getvalue())

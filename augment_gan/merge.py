@@ -29,27 +29,12 @@ import numpy as np
 from PIL import Image
 
 from augment_gan import __version__
+from augment_gan.atomic import write_bytes_atomic
 from augment_gan.errors import UserError
 
 # What `overwrite` may delete: only names this module writes.
 _OUTPUT_NAME = re.compile(r"^(real|synth)-\d{6,}-\d+\.png$")
 _REAL, _SYNTHETIC = 0, 1
-
-
-def _atomic_write(path: Path, data: bytes, durable: bool = False) -> None:
-    # Temporary name in the same folder, then a rename: readers never see a partial file. Images skip
-    # fsync (thousands of small files); merge.json, which marks a finished merge, is synced.
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -214,7 +199,7 @@ def merge_folders(real: str | os.PathLike, synthetic: str | os.PathLike | None, 
         "read_options": options.to_dict(), "channels": real_set.channels,
         "classes": list(real_set.classes),
     }
-    _atomic_write(out / "merge.json", (json.dumps(summary, indent=2) + "\n").encode(), durable=True)
+    write_bytes_atomic(out / "merge.json", (json.dumps(summary, indent=2) + "\n").encode(), durable=True)
 
     lines = []
     counts: dict[str, dict[str, int]] = {}
@@ -232,18 +217,18 @@ def merge_folders(real: str | os.PathLike, synthetic: str | os.PathLike | None, 
             pixels, recipe_part = read_image(path, synth_options), synth_recipe
             origin = synth_set.records[index]["file"]
         recipe_part.reseed(aug_seed)
-        _atomic_write(target, _png(recipe_part.augment(pixels)))
+        write_bytes_atomic(target, _png(recipe_part.augment(pixels)), durable=False)  # many small files: no fsync
         source = "real" if kind == _REAL else "synthetic"
         lines.append(json.dumps({"file": rel, "source": source, "origin": origin, "class": cls,
                                  "copy": copy, "seed": aug_seed}))
         per = counts.setdefault(cls if cls is not None else "", {"real": 0, "synthetic": 0})
         per[source] += 1
 
-    _atomic_write(out / "merge.jsonl", ("\n".join(lines) + "\n").encode() if lines else b"", durable=True)
+    write_bytes_atomic(out / "merge.jsonl", ("\n".join(lines) + "\n").encode() if lines else b"", durable=True)
     summary.update(complete=True, counts={
         "real_images": len(real_set), "real": n_real_out, "synthetic": n_synth_out,
         "synthetic_available": len(synth_set) if synth_set is not None else 0,
         "total": n_real_out + n_synth_out, "per_class": counts,
     })
-    _atomic_write(out / "merge.json", (json.dumps(summary, indent=2) + "\n").encode(), durable=True)
+    write_bytes_atomic(out / "merge.json", (json.dumps(summary, indent=2) + "\n").encode(), durable=True)
     return summary

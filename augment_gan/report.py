@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from augment_gan.atomic import write_bytes_atomic
 from augment_gan.errors import UserError
 
 LOSS_KEYS = ("loss_d", "loss_g")
@@ -302,7 +303,6 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, real: st
     nearest-neighbour pairs; with `metrics_file` (a `metrics.json` from `evaluate --out`), includes
     those instead, with the `pairs.png` beside it.
     """
-    from augment_gan.checkpoint import atomic_write_bytes
 
     run_dir = check_run_dir(run_dir)
     out = Path(out) if out is not None else run_dir / "report.html"
@@ -333,5 +333,5 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, real: st
 
     page = build_report(run_dir, evaluation=evaluation, pairs_png=pairs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, page.encode("utf-8"))
+    write_bytes_atomic(out, page.encode("utf-8"))
     return out

@@ -24,8 +24,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from augment_gan import __version__, diffaug, losses, selfsup
-from augment_gan.checkpoint import (atomic_write_bytes, config_from_meta, list_checkpoints,
-                                    load_training_state, save_checkpoint)
+from augment_gan.atomic import write_bytes_atomic
+from augment_gan.checkpoint import config_from_meta, list_checkpoints, load_training_state, save_checkpoint
 from augment_gan.config import TrainConfig
 from augment_gan.device import resolve_device
 from augment_gan.errors import UserError
@@ -268,7 +268,7 @@ def _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank,
     # Bookkeeping: run config, log, checkpoints.
     if is_main:
         (out_dir / "grids").mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out_dir / "config.json", (json.dumps(
+        write_bytes_atomic(out_dir / "config.json", (json.dumps(
             {"package_version": __version__, "config": config.to_dict(), "data": data_info},
             indent=2, sort_keys=True) + "\n").encode())
     log_file = open(out_dir / "log.jsonl", "a") if is_main else None

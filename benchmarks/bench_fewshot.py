@@ -31,7 +31,8 @@ import torch
 from PIL import Image
 
 from augment_gan import __version__
-from augment_gan.checkpoint import atomic_write_bytes, load_checkpoint
+from augment_gan.atomic import write_bytes_atomic
+from augment_gan.checkpoint import load_checkpoint
 from augment_gan.classifier import accuracy, train_classifier
 from augment_gan.config import TrainConfig, load_config_file
 from augment_gan.data import ReadOptions, load_folder
@@ -130,7 +131,7 @@ def save_png(images: np.ndarray, path: Path) -> None:
     array = tile(images, 10)
     buf = io.BytesIO()
     Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def stats(values: list[float]) -> dict:
@@ -234,10 +235,10 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
                 "seed": seed, "train_images": len(train_idx), "test_images": len(test_idx),
                 "fit_seconds": round(fit_s, 1), "fit_kimg": meta.get("kimg"), "checkpoint": str(ckpt_path),
                 "real_only": real_only, "mixed": mixed})
-            atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+            write_bytes_atomic(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
 
     table = markdown_table(results)
-    atomic_write_bytes(out / "table.md", (table + "\n").encode())
+    write_bytes_atomic(out / "table.md", (table + "\n").encode())
     print(table)
     return 0
 

@@ -21,7 +21,6 @@ import datetime as _dt
 import io
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -35,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a
 import dcgan_reference  # noqa: E402
 
 from augment_gan import __version__  # noqa: E402
-from augment_gan.checkpoint import atomic_write_bytes, load_checkpoint  # noqa: E402
+from augment_gan.atomic import write_bytes_atomic
+from augment_gan.checkpoint import load_checkpoint  # noqa: E402
 from augment_gan.classifier import accuracy, stratified_split, train_classifier  # noqa: E402
 from augment_gan.config import TrainConfig  # noqa: E402
 from augment_gan.data import ReadOptions, load_folder  # noqa: E402
@@ -129,12 +129,12 @@ def save_grid_png(images: np.ndarray, path: Path) -> None:
     array = tile(images[:GRID_SAMPLES], 8)
     buf = io.BytesIO()
     Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def write_results(results: dict, out: Path) -> None:
     """Rewritten after every model, so a crash or Ctrl-C keeps what was measured."""
-    atomic_write_bytes(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    write_bytes_atomic(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
 
 
 def train_yardstick(images: np.ndarray, labels: np.ndarray, steps: int, seed: int) -> tuple[FeatureExtractor, dict]:
@@ -273,7 +273,7 @@ def _run(args: argparse.Namespace, datasets: list[tuple[str, Path]], models: lis
             write_results(results, out)
 
     table = markdown_table(results)
-    atomic_write_bytes(out / "table.md", (table + "\n").encode())
+    write_bytes_atomic(out / "table.md", (table + "\n").encode())
     print(table)
     log(f"results in {out}")
     return 0

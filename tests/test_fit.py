@@ -21,7 +21,7 @@ from augment_gan.cli import app
 from augment_gan.config import TrainConfig
 from augment_gan.errors import UserError
 from augment_gan.models import build_networks
-from augment_gan.train import Interrupted, TrainingDiverged, _run_lock, fit
+from augment_gan.train import TrainingDiverged, _run_lock, fit
 
 # Small networks keep each step a few milliseconds on a CPU.
 TINY = dict(resolution=32, batch_size=8, g_channels=32, d_channels=8, min_channels=8, max_channels=32,

@@ -10,7 +10,7 @@ from augment_gan import diffaug, losses, selfsup
 from augment_gan.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from augment_gan.config import TrainConfig
 from augment_gan.errors import UserError
-from augment_gan.models import Discriminator, Encoder, GlobalBatchNorm2d, Generator, build_networks
+from augment_gan.models import GlobalBatchNorm2d, Generator, build_networks
 
 
 # -- losses -------------------------------------------------------------------------------------------
