@@ -15,6 +15,7 @@ RESOLUTIONS = (32, 64, 128, 256)
 LOSSES = ("hinge", "nonsaturating")
 FITS = ("center-crop", "pad", "resize")
 DIFFAUG_OPS = ("color", "translation", "cutout")
+CLOCKS = ("wall", "cpu")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class TrainConfig:
     """Stop after this many thousand real images shown to D (global, all ranks)."""
     minutes: float | None = 5.0
     """Stop after this many wall-clock minutes of training (ignored when `kimg` is set)."""
+    clock: str = "wall"
+    """What `minutes` counts: "wall" (elapsed time) or "cpu" (this process's CPU time, all threads), which
+    makes budgets comparable on a shared machine (the benchmarks use it)."""
     batch_size: int = 64
     """Global batch size (split across ranks under torchrun)."""
     seed: int = 0
@@ -108,6 +112,8 @@ class TrainConfig:
             raise UserError(f"kimg must be positive, got {self.kimg}")
         if self.minutes is not None and self.minutes <= 0:
             raise UserError(f"minutes must be positive, got {self.minutes}")
+        if self.clock not in CLOCKS:
+            raise UserError(f"clock must be one of {CLOCKS}, got {self.clock!r}")
         if self.batch_size < 2:
             raise UserError(f"batch size must be at least 2, got {self.batch_size}")
         unknown = set(self.diffaug) - set(DIFFAUG_OPS)

@@ -279,7 +279,7 @@ def _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank,
             return None
         meta = {"config": config.to_dict(), "conditional": conditional, "classes": classes,
                 "channels": channels, "resolution": config.resolution, "nimg": nimg,
-                "kimg": nimg / 1000, "elapsed_s": elapsed_before + (time.monotonic() - t_start),
+                "kimg": nimg / 1000, "elapsed_s": elapsed_before + (clock() - t_start),
                 "ada": ada.state(), "data": data_info}
         # Standing statistics for the EMA generator, from a fixed stream of latents so that the checkpoint is
         # a function of the training state alone (the next step overwrites these buffers again).
@@ -301,7 +301,7 @@ def _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank,
     def budget_done() -> bool:
         if config.kimg is not None:
             return nimg >= config.kimg * 1000
-        done = elapsed_before + (time.monotonic() - t_start) >= config.minutes * 60
+        done = elapsed_before + (clock() - t_start) >= config.minutes * 60
         if world > 1:  # clocks differ between ranks: rank 0 decides for everyone
             flag = torch.tensor([1.0 if done and is_main else 0.0])
             dist.all_reduce(flag)
@@ -309,8 +309,11 @@ def _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank,
         return done
 
     # Train.
-    t_start = time.monotonic()
-    last_ckpt_time = t_start
+    # The budget clock (`elapsed_s` in checkpoints): wall time, or this process's CPU time.
+    clock = time.process_time if config.clock == "cpu" else time.monotonic
+    t_start = clock()
+    wall_start = time.monotonic()
+    last_ckpt_time = wall_start
     last_path: Path | None = existing[-1] if existing else None
     sums: dict[str, float] = {}
     window_start, window_nimg = time.monotonic(), nimg
@@ -424,7 +427,7 @@ def _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank,
             if step % config.log_every == 0:
                 now = time.monotonic()
                 record = {"step": step, "kimg": round(nimg / 1000, 4),
-                          "time_s": round(elapsed_before + now - t_start, 3),
+                          "time_s": round(elapsed_before + clock() - t_start, 3),
                           "img_per_s": round((nimg - window_nimg) / max(now - window_start, 1e-9), 2),
                           "p": round(p, 5), "rt": round(ada.rt, 5),
                           **{k: round(v / config.log_every, 6) for k, v in sums.items()}}

@@ -210,6 +210,8 @@ def test_bad_checkpoints_are_user_errors(tmp_path):
 def test_config_rejects_bad_values_and_unknown_keys():
     with pytest.raises(UserError, match="resolution"):
         TrainConfig(resolution=48)
+    with pytest.raises(UserError, match="clock must be one of"):
+        TrainConfig(clock="sundial")
     with pytest.raises(UserError, match="unknown config keys: colour"):
         TrainConfig.from_dict({"colour": 1})
     cfg = TrainConfig.from_dict({"diffaug": ["color"], "betas": [0.0, 0.9]})
