@@ -110,6 +110,15 @@ def generate(
 def decode(ckpt: Any, z: torch.Tensor, labels: Sequence[int] | torch.Tensor | None = None, *,
            device: str | torch.device = "cpu") -> torch.Tensor:
     """Latents N×z_dim (+ labels for a conditional checkpoint) -> uint8 N×C×H×W on the CPU, via G_ema."""
+    return to_uint8(decode_float(ckpt, z, labels, device=device)).cpu()
+
+
+def decode_float(ckpt: Any, z: torch.Tensor, labels: Sequence[int] | torch.Tensor | None = None, *,
+                 device: str | torch.device = "cpu") -> torch.Tensor:
+    """Like `decode`, but G's float output N×C×H×W in [-1, 1], left on `device`.
+
+    For callers that convert to uint8 elsewhere (`synth` does it on its encoder threads).
+    """
     device = torch.device(device)
     y = None
     if ckpt.num_classes:
@@ -124,10 +133,9 @@ def decode(ckpt: Any, z: torch.Tensor, labels: Sequence[int] | torch.Tensor | No
     elif labels is not None:
         raise UserError("this checkpoint is unconditional: it takes no labels")
     if len(z) == 0:
-        return torch.empty(0, ckpt.channels, ckpt.resolution, ckpt.resolution, dtype=torch.uint8)
+        return torch.empty(0, ckpt.channels, ckpt.resolution, ckpt.resolution, device=device)
     with torch.inference_mode():
-        images = aligned_forward(ckpt.G_ema, z.to(device), y)  # N×C×H×W in [-1, 1]
-        return to_uint8(images).cpu()
+        return aligned_forward(ckpt.G_ema, z.to(device), y)  # N×C×H×W in [-1, 1]
 
 
 def encode(ckpt: Any, images: torch.Tensor, *, device: str | torch.device = "cpu"

@@ -449,10 +449,24 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def _write_chunk(items: list[tuple[np.ndarray, str]], fmt: str, quality: int | None) -> int:
-    for array, path in items:
+def _hwc_uint8(images: Any) -> np.ndarray:
+    """CPU tensor N×C×H×W (float in [-1, 1] or uint8) -> numpy uint8 N×H×W×C."""
+    import torch
+
+    from augment_gan.pixels import nchw_to_hwc, to_uint8
+
+    with torch.inference_mode():
+        return nchw_to_hwc(images if images.dtype == torch.uint8 else to_uint8(images))
+
+
+def _write_chunk(images: Any, paths: list[str], fmt: str, quality: int | None) -> int:
+    """Encode and atomically write images (a CPU tensor N×C×H×W, float in [-1, 1] or uint8, or a numpy
+    uint8 N×H×W×C array) to `paths`. Float output is converted here, off the generator's thread."""
+    if not isinstance(images, np.ndarray):
+        images = _hwc_uint8(images)
+    for array, path in zip(images, paths):
         write_atomic(path, encode_image(array, fmt, quality))
-    return len(items)
+    return len(paths)
 
 
 def readable_image(path: Path, size: int) -> bool:
@@ -824,16 +838,21 @@ class ImageWriter:
         else:
             raise UserError(f"unknown writer pool {pool!r}; choose thread or process")
         self.workers, self.fmt, self.quality, self.on_done = workers, fmt, quality, on_done
+        self.process = pool == "process"
         self.inflight: deque = deque()
         self.max_inflight = 2 * workers
 
-    def submit(self, items: list[tuple[np.ndarray, str]], payload: list[Any]) -> None:
-        if not items:
+    def submit(self, images: Any, paths: list[str], payload: list[Any]) -> None:
+        """Write `images` (CPU tensor N×C×H×W, float or uint8) to `paths`; `on_done(payload)` once written."""
+        if not paths:
             self.on_done(payload)
             return
-        size = math.ceil(len(items) / self.workers)
-        for start in range(0, len(items), size):
-            future = self.pool.submit(_write_chunk, items[start:start + size], self.fmt, self.quality)
+        if self.process:  # tensors would be pickled with their whole storage: send uint8 HWC arrays
+            images = np.ascontiguousarray(_hwc_uint8(images))
+        size = math.ceil(len(paths) / self.workers)
+        for start in range(0, len(paths), size):
+            future = self.pool.submit(_write_chunk, images[start:start + size], paths[start:start + size],
+                                      self.fmt, self.quality)
             self.inflight.append((future, payload[start:start + size]))
         self.drain(self.max_inflight)
 
@@ -859,7 +878,7 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
     from tqdm import tqdm
 
     from augment_gan import sample
-    from augment_gan.pixels import nchw_to_hwc, to_float
+    from augment_gan.pixels import to_float, to_uint8
 
     t_start = time.perf_counter()
     shard = config.shard or shard_from_env()
@@ -912,7 +931,7 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
     out_str = str(out)
     writer_rows: list[dict[str, Any]] = []
     counts = {"written": 0, "existing": 0}
-    journal = open(out / _journal_name(shard), "a") if filtered else None
+    journal = None
     bar = None
     ok = False
     # Which files exist and decode (resume); a broken or foreign file is simply regenerated. Listing the
@@ -956,6 +975,8 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
     bar = tqdm(total=todo, desc=f"synth {shard[0]}/{shard[1]}" if shard[1] > 1 else "synth", unit="img",
                file=sys.stderr, disable=not config.progress or todo == 0, dynamic_ncols=True)
     writer = ImageWriter(workers, config.format, config.quality, on_done, config.pool)
+    # The journal holds filter decisions as they are made, so a killed filtered run keeps them for resume.
+    journal = open(out / _journal_name(shard), "a") if filtered else None
     t_loop = time.perf_counter()
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -977,7 +998,16 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
             if start + batch_size < len(stream):
                 next_z = prefetch.submit(batch_latents, start + batch_size)
             labels = [unit.label for unit, _ in batch] if ckpt.num_classes else None
-            images = sample.decode(ckpt, z, labels, device=device)  # uint8 N×C×H×W on the CPU
+            images = sample.decode_float(ckpt, z, labels, device=device)  # float N×C×H×W on the device
+            if not filtered:
+                # On a CPU the uint8 conversion happens on the encoder threads, off G's critical path.
+                images = images if device.type == "cpu" else to_uint8(images).cpu()
+                paths = [os.path.join(out_str, plan.relpath(unit, latent)) for unit, latent in batch]
+                rows = [_plain_row(plan, unit, latent, common) for unit, latent in batch]
+                counts["written"] += len(paths)
+                writer.submit(images, paths, rows)
+                continue
+            images = to_uint8(images).cpu()  # uint8 N×C×H×W: filters judge exactly the bytes written
             scores = nn = None
             if config.keep_top is not None:
                 y = torch.tensor(labels, device=device) if labels is not None else None
@@ -985,17 +1015,9 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
                     scores = sample.aligned_forward(ckpt.D, to_float(images.to(device)), y).float().cpu().tolist()
             if dedup is not None:
                 nn = dedup.distances(images).tolist()
-            arrays = np.ascontiguousarray(nchw_to_hwc(images))  # N×H×W×C
-            if not filtered:
-                items = [(arrays[k], os.path.join(out_str, plan.relpath(unit, latent)))
-                         for k, (unit, latent) in enumerate(batch)]
-                rows = [_plain_row(plan, unit, latent, common) for unit, latent in batch]
-                counts["written"] += len(items)
-                writer.submit(items, rows)
-                continue
             for k, (unit, latent) in enumerate(batch):
                 buf = buffers.setdefault(unit.position, {"image": {}, "score": {}, "nn": {}})
-                buf["image"][latent] = arrays[k]
+                buf["image"][latent] = images[k]
                 buf["score"][latent] = None if scores is None else round(scores[k], 6)
                 buf["nn"][latent] = None if nn is None else round(nn[k], 6)
                 if len(buf["image"]) < len(unit.candidates):
@@ -1005,7 +1027,7 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
                 assign, rejected = select(unit, buf["score"], dropped, config.keep_top)
                 on_done([_row(unit, common, latent=c, index=None, file=None, d_score=buf["score"][c],
                               nn_distance=buf["nn"][c], kept=False, reason=reason) for c, reason in rejected.items()])
-                items, rows, skip_rows = [], [], []
+                kept, paths, rows, skip_rows = [], [], [], []
                 for c, index in sorted(assign.items(), key=lambda kv: kv[1]):
                     rel = plan.relpath(unit, index)
                     row = _row(unit, common, latent=c, index=index, file=rel, d_score=buf["score"][c],
@@ -1013,12 +1035,13 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
                     if valid.get(index) and not config.overwrite:
                         skip_rows.append(row)  # same settings, so the file already holds these bytes
                     else:
-                        items.append((buf["image"][c], os.path.join(out_str, rel)))
+                        kept.append(buf["image"][c])
+                        paths.append(os.path.join(out_str, rel))
                         rows.append(row)
                 counts["existing"] += len(skip_rows)
-                counts["written"] += len(items)
+                counts["written"] += len(paths)
                 on_done(skip_rows)
-                writer.submit(items, rows)
+                writer.submit(torch.stack(kept) if kept else None, paths, rows)
         writer.drain()
         ok = True
     finally:

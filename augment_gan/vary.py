@@ -113,7 +113,7 @@ def vary(checkpoint: Any, source: str | Path, out: str | Path, config: VaryConfi
     from tqdm import tqdm
 
     from augment_gan import sample
-    from augment_gan.pixels import hwc_to_nchw, nchw_to_hwc
+    from augment_gan.pixels import hwc_to_nchw
 
     t_start = time.perf_counter()
     device = pick_device(config.device)
@@ -218,8 +218,7 @@ def vary(checkpoint: Any, source: str | Path, out: str | Path, config: VaryConfi
                              for s, k, _ in batch])
             z = mu_all[[s for s, _, _ in batch]] + config.sigma * eps
             y = [labels[s] for s, _, _ in batch] if ckpt.num_classes else None
-            out_images = np.ascontiguousarray(nchw_to_hwc(sample.decode(ckpt, z, y, device=device)))
-            writer.submit([(out_images[j], out / name) for j, (_, _, name) in enumerate(batch)],
+            writer.submit(sample.decode(ckpt, z, y, device=device), [str(out / name) for _, _, name in batch],
                           [row(s, k, name, round(float(std_all[s]), 6)) for s, k, name in batch])
             written += len(batch)
         writer.drain()

@@ -87,13 +87,11 @@ def _forward_rate(ckpt, n: int, batch: int) -> tuple[float, float]:
 
 def synth_rate(ckpt, n: int, batch: int, out: Path, pool: str | None, workers: int | None,
                threads: int | None) -> tuple[float, float]:
-    shutil.rmtree(out, ignore_errors=True)
     start, cpu = time.perf_counter(), cpu_seconds()
     summary = synth(ckpt, out, SynthConfig(n=n, batch_size=batch, workers=workers, threads=threads,
                                            pool=pool or "thread", progress=False))
     wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     assert summary.written == n and summary.manifest, summary
-    shutil.rmtree(out, ignore_errors=True)
     return n / wall, cpu / n * 1e3
 
 
@@ -110,7 +108,9 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-synth-"))
-    out_dir = Path(tempfile.mkdtemp(prefix="bench-synth-out-", dir=args.out_dir)) / "set"
+    # Every measurement writes a fresh folder and all are deleted at the end: deleting 10,000 files right
+    # before a measurement would make it pay for the file system's clean-up (discard) too.
+    out_dir = Path(tempfile.mkdtemp(prefix="bench-synth-out-", dir=args.out_dir))
     rows = []
     load_start = os.getloadavg()
     try:
@@ -127,7 +127,8 @@ def main() -> None:
                 for f, threads in FORWARDS.items():
                     results[f].append(forward_rate(ckpt, args.n, args.batch_size, threads))
                 for v in args.variants:
-                    results[v].append(synth_rate(ckpt, args.n, args.batch_size, out_dir, *VARIANTS[v]))
+                    out = out_dir / f"{res}-{rep}-{list(VARIANTS).index(v)}"
+                    results[v].append(synth_rate(ckpt, args.n, args.batch_size, out, *VARIANTS[v]))
                 print(f"{res}px repeat {rep + 1}: " + ", ".join(f"{k} {r[-1][0]:.0f} img/s" for k, r in results.items()),
                       file=sys.stderr, flush=True)
             # Reference: in each repeat, the faster G forward (what a user gets without writing anything).
@@ -143,11 +144,11 @@ def main() -> None:
                 break
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(out_dir.parent, ignore_errors=True)
+        shutil.rmtree(out_dir, ignore_errors=True)
     load_end = os.getloadavg()
 
     print(f"\n{args.n:,} images per measurement, batch {args.batch_size}, median of {args.repeats}, "
-          f"{os.cpu_count()} CPUs, images written to {out_dir.parent}, load average "
+          f"{os.cpu_count()} CPUs, images written to {out_dir}, load average "
           f"{load_start[0]:.1f} -> {load_end[0]:.1f}; % of the faster G forward\n")
     print("| resolution | what | images/s median (min-max) | % of G forward, paired (min-max) "
           "| CPU ms/img | least forward CPU / this |")
