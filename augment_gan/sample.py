@@ -2,7 +2,8 @@
 
 Sample i is a pure function of (checkpoint, seed, i): its latent comes from a generator of its own, seeded
 from a hash of (seed, i), so batch size, sharding, resuming and the order of indices never change an image.
-Nothing here holds training state; `synth` and `vary` compose these functions.
+Nothing here holds training state; `synth` and `vary` compose these functions: `latents` -> `decode`
+(G_ema; `generate` = both), and `encode` (the latent encoder E) for variations of real images.
 
 Truncation is the ψ-truncation of StyleGAN (Karras et al. 2019) toward the mean latent. Our G takes z
 directly (no mapping network) and z ~ N(0, I), whose mean is 0, so it is z·ψ: ψ=1 leaves the prior alone,

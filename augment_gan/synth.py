@@ -56,6 +56,7 @@ import numpy as np
 from PIL import Image
 
 from augment_gan import __version__
+from augment_gan.atomic import write_bytes_atomic
 from augment_gan.errors import UserError
 
 FORMATS = ("png", "jpg", "webp")
@@ -424,11 +425,12 @@ _CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through `<name>.tmp-<pid>` in the same folder and a rename.
+    """Write one image file through `<name>.tmp-<pid>` in the same folder and a rename.
 
-    No fsync: this protects against a killed process (the case resume handles), not against power loss,
-    and an fsync per small image would cost more than generating it. Plain os calls, not file objects:
-    this runs once per image.
+    The per-image fast path of `augment_gan.atomic.write_bytes_atomic(durable=False)`: plain os calls, no
+    Path or file objects and no unlink probe cost 35 instead of 123 us of CPU per file (tmpfs, measured),
+    about 9% of generating a 32px image. No fsync: this protects against a killed process (the case resume
+    handles), not against power loss; manifests and synth.json are written durably.
     """
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -621,7 +623,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
+    write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def _visible_entries(out: Path) -> list[Path]:
@@ -778,8 +780,8 @@ def _sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows as JSON lines, atomically."""
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    """Write rows as JSON lines, atomically and durably."""
+    write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
 def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from augment_gan import __version__
+from augment_gan.atomic import write_bytes_atomic
 from augment_gan.errors import UserError
 from augment_gan.synth import (
     ImageWriter,
@@ -30,7 +31,6 @@ from augment_gan.synth import (
     default_workers,
     pick_device,
     readable_image,
-    write_atomic,
     write_jsonl,
 )
 
@@ -162,7 +162,7 @@ def vary(checkpoint: Any, source: str | Path, out: str | Path, config: VaryConfi
     old = check_out_folder(out, SETTINGS, settings, _identity, config.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     if old != settings:
-        write_atomic(out / SETTINGS, (json.dumps(settings, indent=2) + "\n").encode())
+        write_bytes_atomic(out / SETTINGS, (json.dumps(settings, indent=2) + "\n").encode())
     for cls in sorted({c for c in source_class if c is not None}):
         folder = out / cls
         if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
