@@ -91,7 +91,12 @@ def test_model_selection(bench):
     assert bench.resolve_models(bench.parse_args(["--ablations"])) == list(bench.MODELS)
     assert bench.resolve_models(bench.parse_args(["--ablations", "--variants", "no-diffaug,default"])) == [
         "no-diffaug", "default"]
-    assert bench.VARIANTS["no-rotation"] == {"rotation_d_weight": 0.0, "rotation_g_weight": 0.0}
+    # Each ablation variant removes exactly one thing from the all-constraints configuration.
+    for name, removed in [("no-rotation", {"rotation_d_weight", "rotation_g_weight"}),
+                          ("no-completion", {"completion_weight"}), ("no-encoder", {"encoder_weight"}),
+                          ("no-diffaug", {"diffaug"}), ("fixed-p", {"fixed_p"})]:
+        changed = {k for k, v in bench.VARIANTS[name].items() if bench.ALL_SELFSUP.get(k, "unset") != v}
+        assert changed == removed, name
 
 
 def test_dcgan_reference_shapes_and_sampling():
