@@ -107,6 +107,15 @@ def _read_manifest(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+
+def _transformed(image, target, transform, target_transform):
+    """(transform(image), target_transform(target)), each only when given: torchvision's convention."""
+    if transform is not None:
+        image = transform(image)
+    if target_transform is not None:
+        target = target_transform(target)
+    return image, target
+
 class SyntheticImageFolder(Dataset):
     """Images written by `augment-gan synth`, read through its `manifest.jsonl`.
 
@@ -176,12 +185,7 @@ class SyntheticImageFolder(Dataset):
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
-        image = self.loader(path)
-        if self.transform is not None:
-            image = self.transform(image)
-        if self.target_transform is not None:
-            target = self.target_transform(target)
-        return image, target
+        return _transformed(self.loader(path), target, self.transform, self.target_transform)
 
     def __repr__(self) -> str:
         return f"SyntheticImageFolder({str(self.root)!r}, {len(self)} images, {len(self.classes)} classes)"
@@ -308,12 +312,7 @@ class GeneratorDataset(Dataset):
         image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
         if self.mode is not None and image.mode != self.mode:
             image = image.convert(self.mode)
-        target = self.targets[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        if self.target_transform is not None:
-            target = self.target_transform(target)
-        return image, target
+        return _transformed(image, self.targets[index], self.transform, self.target_transform)
 
     def __repr__(self) -> str:
         return f"GeneratorDataset({str(self.path)!r}, n={self.n}, seed={self.seed})"

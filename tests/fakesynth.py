@@ -6,11 +6,21 @@ unconditional -> OUT/<index:06d>.png, OUT/manifest.jsonl (one JSON object per im
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from PIL import Image
 
 FAKE_DIGEST = "0" * 64
+
+
+def copy_classes(src: Path, dst: Path, start: int, stop: int) -> Path:
+    """An ImageFolder at `dst` with files [start, stop) (sorted) of every class folder of `src`."""
+    for d in sorted(p for p in src.iterdir() if p.is_dir()):
+        (dst / d.name).mkdir(parents=True)
+        for f in sorted(d.iterdir())[start:stop]:
+            shutil.copy(f, dst / d.name / f.name)
+    return dst
 
 
 def write_fake_synth(source: Path, out: Path, *, classes: list[str] | None = None, per_class: int = 10,

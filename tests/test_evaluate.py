@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ from PIL import Image
 from augment_gan.checkpoint import load_checkpoint
 from augment_gan.cli import app
 from augment_gan.evaluate import EvaluateConfig, compute, probe
-from fakesynth import write_fake_synth
+from fakesynth import copy_classes, write_fake_synth
 from fixtures_run import digits100, tiny_run  # noqa: F401  (session fixtures)
 
 FAST = ["--feature-steps", "60"]  # enough for distinct features; the default 400 is for users
@@ -28,22 +26,14 @@ def _one_thread():
     torch.set_num_threads(saved)
 
 
-def _copy(src: Path, dst: Path, start: int, stop: int) -> Path:
-    for d in sorted(p for p in src.iterdir() if p.is_dir()):
-        (dst / d.name).mkdir(parents=True)
-        for f in sorted(d.iterdir())[start:stop]:
-            shutil.copy(f, dst / d.name / f.name)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def folders(shared_data, tmp_path_factory):
     """real: 200 digits; fresh: a synth-style folder of 200 other digits (+20 marked rejected);
     copies: a synth-style folder holding the real images themselves; noise: 100 unlabeled noise images."""
     root = tmp_path_factory.mktemp("evaluate")
     mnist = shared_data / "mnist"
-    real = _copy(mnist, root / "real", 0, 20)
-    other = _copy(mnist, root / "other", 20, 42)
+    real = copy_classes(mnist, root / "real", 0, 20)
+    other = copy_classes(mnist, root / "other", 20, 42)
     fresh = write_fake_synth(other, root / "fresh", per_class=20, rejected_per_class=2)
     copies = write_fake_synth(real, root / "copies", per_class=20, rejected_per_class=0)
     noise = root / "noise"

@@ -1,15 +1,13 @@
 """Metrics move the right way on controlled cases built from real MNIST digits, and the classifier learns."""
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from augment_gan import metrics
 from augment_gan.errors import UserError
+from fakesynth import copy_classes
 
 
 @pytest.fixture(autouse=True)
@@ -21,23 +19,14 @@ def _one_thread():
     torch.set_num_threads(saved)
 
 
-def copy_digits(src: Path, dst: Path, start: int, stop: int) -> Path:
-    """An ImageFolder with files [start, stop) of every MNIST digit class."""
-    for d in sorted(p for p in src.iterdir() if p.is_dir()):
-        (dst / d.name).mkdir(parents=True)
-        for f in sorted(d.iterdir())[start:stop]:
-            shutil.copy(f, dst / d.name / f.name)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def digits(shared_data, tmp_path_factory):
     """Two disjoint sets of 200 real digits (20 per class) at 32px: (a, b) ImageSets."""
     from augment_gan.data import ReadOptions, load_folder
 
     root = tmp_path_factory.mktemp("digits")
-    a = copy_digits(shared_data / "mnist", root / "a", 0, 20)
-    b = copy_digits(shared_data / "mnist", root / "b", 20, 40)
+    a = copy_classes(shared_data / "mnist", root / "a", 0, 20)
+    b = copy_classes(shared_data / "mnist", root / "b", 20, 40)
     options = ReadOptions(resolution=32)
     return load_folder(a, options, progress=False), load_folder(b, options, progress=False)
 
