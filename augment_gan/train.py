@@ -27,6 +27,7 @@ from augment_gan import __version__, diffaug, losses, selfsup
 from augment_gan.atomic import write_bytes_atomic
 from augment_gan.checkpoint import config_from_meta, list_checkpoints, load_training_state, save_checkpoint
 from augment_gan.config import TrainConfig
+from augment_gan.data import ReadOptions, load_folder
 from augment_gan.device import resolve_device
 from augment_gan.errors import UserError
 from augment_gan.grid import save_grid
@@ -142,8 +143,6 @@ def fit(folder: str | Path, config: TrainConfig, out_dir: str | Path, *, resume:
     `out_dir` (step, kimg, adaptive p, optimizer, RNG and EMA state); only the fields in
     `RESUME_OVERRIDABLE` may differ from the saved config.
     """
-    from augment_gan.data import ReadOptions, load_folder  # data imports PIL/tqdm pools; keep import local
-
     out_dir = Path(out_dir)
     rank, world, local_rank = _dist_env()
     is_main = rank == 0
@@ -161,12 +160,10 @@ def fit(folder: str | Path, config: TrainConfig, out_dir: str | Path, *, resume:
 
     lock = _run_lock(out_dir) if is_main else contextlib.nullcontext()
     with lock, _StopFlag() as stop:
-        return _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank, world,
-                           stop, ReadOptions, load_folder)
+        return _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank, world, stop)
 
 
-def _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank, world, stop,
-                ReadOptions, load_folder) -> Path:
+def _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank, world, stop) -> Path:
     is_main = rank == 0
     existing = list_checkpoints(out_dir)
 
