@@ -113,7 +113,7 @@ class SynthConfig:
     workers: int | None = None
     """Encoder threads (default: 1 per 8 cores on a CPU device, all cores but one with a GPU)."""
     threads: int | None = None
-    """torch intra-op threads while generating on a CPU (default: the cores the encoders leave free)."""
+    """torch intra-op threads while generating (default: torch's, i.e. all cores)."""
     pool: str = "thread"
     """Encoder pool: "thread" or "process" (threads measured faster; see benchmarks/bench_synth.py)."""
     progress: bool = True
@@ -222,16 +222,6 @@ def default_workers(device_type: str = "cpu") -> int:
     benchmarks/bench_synth.py); with a GPU generating, every core but one."""
     cores = os.cpu_count() or 2
     return max(1, cores // 8) if device_type == "cpu" else max(1, cores - 1)
-
-
-def default_torch_threads(workers: int) -> int:
-    """G's intra-op threads on a CPU device: the cores the encoders leave free.
-
-    Oversubscribing hurts: with 2 cores, 2 OpenMP threads and an encoder thread, OpenMP threads wait at
-    their barriers for the one the encoder displaced, and synth reached 73-81% of the forward rate against
-    87-94% with 1 OpenMP thread + 1 encoder thread (benchmarks/bench_synth.py, 32px, tmpfs).
-    """
-    return max(1, (os.cpu_count() or 2) - workers)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -909,7 +899,10 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
     common = {"seed": config.seed, "truncation": config.truncation, "checkpoint": ckpt.digest}
     batch_size = config.batch_size or default_batch_size(ckpt.resolution)
     workers = config.workers or default_workers(device.type)
-    threads = config.threads or (default_torch_threads(workers) if device.type == "cpu" else torch.get_num_threads())
+    # G keeps all the cores (torch's default) and the encoder thread interleaves: on an idle 2-core machine
+    # that beat leaving a core to the encoder (79-83% of the 2-thread forward rate vs 60-63%), although on a
+    # loaded machine 1 torch thread does better; --threads chooses (benchmarks/bench_synth.py).
+    threads = config.threads or torch.get_num_threads()
 
     # Prepare the folder: clear a replaced set, remove stale temporaries, record the settings.
     out.mkdir(parents=True, exist_ok=True)

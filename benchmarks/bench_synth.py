@@ -35,10 +35,10 @@ from augment_gan.models import build_networks
 from augment_gan.synth import SynthConfig, synth
 
 VARIANTS = {  # name -> (encoder pool, encoders, torch threads; None = synth's defaults)
-    "synth, defaults (1 encoder thread, torch threads 1)": (None, None, None),
-    "synth, 1 encoder thread, torch threads 2": ("thread", 1, 2),
-    "synth, 2 encoder threads, torch threads 1": ("thread", 2, 1),
-    "synth, 1 encoder process, torch threads 1": ("process", 1, 1),
+    "synth, defaults (1 encoder thread, torch threads = cores)": (None, None, None),
+    "synth, 1 encoder thread, torch threads 1": ("thread", 1, 1),
+    "synth, 2 encoder threads, torch threads 2": ("thread", 2, 2),
+    "synth, 1 encoder process, torch threads 2": ("process", 1, 2),
 }
 FORWARDS = {"G forward, torch threads 1": 1, "G forward, torch threads 2": 2}
 
@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--resolutions", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--checkpoint", type=Path, default=None, help="a run or checkpoint instead of random weights")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out-dir", type=Path, default=None,

@@ -28,7 +28,7 @@ import click
 @click.option("--workers", type=int, default=None,
               help="Encoder threads (default: 1 per 8 cores on CPU, all cores but one with a GPU).")
 @click.option("--threads", type=int, default=None,
-              help="torch threads for G on a CPU (default: the cores the encoders leave free).")
+              help="torch threads for G (default: all cores; 1 can be faster on a busy machine).")
 @click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--overwrite", is_flag=True, help="Replace a set made with other settings.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
