@@ -376,24 +376,35 @@ def _png_chunk(tag: bytes, data: bytes) -> bytes:
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = _png_chunk(b"IEND", b"")
+_IDAT_CRC = zlib.crc32(b"IDAT")
 
 
-def png_bytes(array: np.ndarray) -> bytes:
-    """uint8 H×W×C (C = 1: grayscale, 3: RGB) -> a lossless 8-bit PNG file.
+def png_files(images: np.ndarray) -> list[bytes]:
+    """uint8 N×H×W×C (C = 1: grayscale, 3: RGB) -> one lossless 8-bit PNG file per image.
 
     A minimal writer (IHDR, one IDAT with scanline filter 0 and zlib level 1, IEND) instead of Pillow's:
     on 32-64px images Pillow's per-file overhead costs ~3x the CPU (150 vs 50 us at 32px, 335 vs 130 us
     at 64px RGB, measured on MNIST/emoji) for files of about the same size, and on 2 cores that CPU is
-    taken from the generator. Any PNG reader decodes it; the bytes depend only on the pixels and zlib.
+    taken from the generator. Scanlines of the whole batch are laid out at once; any PNG reader decodes
+    the result, and the bytes depend only on the pixels and zlib.
     """
-    h, w, c = array.shape
-    if array.dtype != np.uint8 or c not in (1, 3):
-        raise ValueError(f"png_bytes takes uint8 H×W×1 or H×W×3, got {array.dtype} {array.shape}")
-    raw = np.zeros((h, 1 + w * c), np.uint8)  # each scanline starts with its filter type, 0 = none
-    raw[:, 1:] = array.reshape(h, w * c)
-    header = struct.pack(">IIBBBBB", w, h, 8, 0 if c == 1 else 2, 0, 0, 0)
-    return b"".join((_PNG_SIGNATURE, _png_chunk(b"IHDR", header),
-                     _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), PNG_COMPRESS_LEVEL)), _PNG_END))
+    n, h, w, c = images.shape
+    if images.dtype != np.uint8 or c not in (1, 3):
+        raise ValueError(f"png_files takes uint8 N×H×W×1 or N×H×W×3, got {images.dtype} {images.shape}")
+    raw = np.zeros((n, h, 1 + w * c), np.uint8)  # each scanline starts with its filter type, 0 = none
+    raw[:, :, 1:] = images.reshape(n, h, w * c)
+    head = _PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0 if c == 1 else 2, 0, 0, 0))
+    files = []
+    for k in range(n):
+        data = zlib.compress(raw[k], PNG_COMPRESS_LEVEL)
+        files.append(b"".join((head, struct.pack(">I", len(data)), b"IDAT", data,
+                               struct.pack(">I", zlib.crc32(data, _IDAT_CRC)), _PNG_END)))
+    return files
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """uint8 H×W×C -> one PNG file (see `png_files`)."""
+    return png_files(array[None])[0]
 
 
 def encode_image(array: np.ndarray, fmt: str, quality: int | None = None) -> bytes:
@@ -456,8 +467,9 @@ def _write_chunk(images: Any, paths: list[str], fmt: str, quality: int | None) -
     uint8 N×H×W×C array) to `paths`. Float output is converted here, off the generator's thread."""
     if not isinstance(images, np.ndarray):
         images = _hwc_uint8(images)
-    for array, path in zip(images, paths):
-        write_atomic(path, encode_image(array, fmt, quality))
+    files = png_files(images) if fmt == "png" else [encode_image(a, fmt, quality) for a in images]
+    for data, path in zip(files, paths):
+        write_atomic(path, data)
     return len(paths)
 
 

@@ -100,6 +100,23 @@ def test_select_keeps_best_and_primaries_keep_their_index():
     assert assign == {0: 0, 4: 4, 6: 6} and rejected == {2: "dedup"}
 
 
+def test_png_writer_round_trips_real_images(shared_data):
+    import io
+
+    from augment_gan.data import ReadOptions, load_folder
+
+    for name, channels in (("mnist", "gray"), ("emoji-twitter", "rgb")):
+        subset = load_folder(shared_data / name / ("3" if name == "mnist" else "flags"),
+                             ReadOptions(resolution=32, channels=channels), progress=False, use_cache=False)
+        images = np.ascontiguousarray(subset.images[:8])
+        for array, data in zip(images, synth_module.png_files(images)):
+            decoded = np.asarray(Image.open(io.BytesIO(data)))
+            assert np.array_equal(decoded.reshape(array.shape), array)
+            assert Image.open(io.BytesIO(data)).mode == ("L" if channels == "gray" else "RGB")
+    with pytest.raises(ValueError):
+        synth_module.png_files(np.zeros((1, 4, 4, 2), np.uint8))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Determinism, layout, manifest.
 
