@@ -107,6 +107,23 @@ def _read_sources(source: Path, ckpt: Any, progress: bool) -> tuple[np.ndarray, 
     return images.images, list(images.files), [names[int(i)] for i in images.labels], names
 
 
+def _remove_old_outputs(out: Path, keep: set[str]) -> None:
+    """Delete the images an earlier vary listed in its manifest that this run will not rewrite."""
+    try:
+        lines = (out / MANIFEST).read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        try:
+            name = json.loads(line).get("file")
+        except (ValueError, AttributeError):
+            continue
+        parts = Path(name).parts if isinstance(name, str) else ()
+        # Manifest entries are data: only plain relative paths inside `out` are followed.
+        if name not in keep and parts and ".." not in parts and not Path(name).is_absolute() and name.endswith(".png"):
+            (out / name).unlink(missing_ok=True)
+
+
 def vary(checkpoint: Any, source: str | Path, out: str | Path, config: VaryConfig) -> VarySummary:
     """Write `config.n` variations of every image of `source` (a file or a folder) into `out`."""
     import torch
@@ -161,6 +178,8 @@ def vary(checkpoint: Any, source: str | Path, out: str | Path, config: VaryConfi
                 "latent": "z = mu + sigma * eps, eps ~ N(0, I) from (seed, source file, k)"}
     old = check_out_folder(out, SETTINGS, settings, _identity, config.overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    if old is not None and _identity(old) != _identity(settings):
+        _remove_old_outputs(out, set(outputs))  # only reached with --overwrite
     if old != settings:
         write_bytes_atomic(out / SETTINGS, (json.dumps(settings, indent=2) + "\n").encode())
     for cls in sorted({c for c in source_class if c is not None}):

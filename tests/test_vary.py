@@ -67,6 +67,8 @@ def test_labeled_folder_keeps_classes_and_is_deterministic(ckpt, source, tmp_pat
         vary(ckpt, source, tmp_path / "a", VaryConfig(n=4, sigma=0.9, progress=False))
     over = vary(ckpt, source, tmp_path / "a", VaryConfig(n=4, sigma=0.9, overwrite=True, progress=False))
     assert over.written == 24 and tree(tmp_path / "a") != tree(tmp_path / "b")
+    fewer = vary(ckpt, source, tmp_path / "a", VaryConfig(n=2, sigma=0.9, overwrite=True, progress=False))
+    assert fewer.images == 12 and len(list((tmp_path / "a").rglob("*.png"))) == 12  # old _2, _3 removed
 
 
 def test_variations_grow_a_labeled_dataset(ckpt, source, tmp_path):
