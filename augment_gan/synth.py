@@ -61,9 +61,19 @@ from augment_gan.errors import UserError
 
 FORMATS = ("png", "jpg", "webp")
 DEFAULT_QUALITY = {"png": None, "jpg": 95, "webp": 90}
-# zlib level 1 is still lossless (every PNG is); on 32-64px MNIST/emoji it costs 0.6-0.8x the CPU of level 6
-# for files 4-7% larger, and encoding competes with G for the same 2 cores.
-PNG_COMPRESS_LEVEL = 1
+# PNG's deflate stream. Encoding competes with G for the same cores, so the fastest good compressor wins:
+# ISA-L (the `isal` package, a dependency) at its level 0 takes about a tenth of zlib level 1's CPU on
+# 32-64px MNIST/emoji images, for files about 1.3x as large (no compression at all: 2-5x).
+# `python benchmarks/bench_synth.py --codecs-only` measures it. Where isal cannot be imported, zlib level 1
+# is used; files are byte-identical for a given compressor.
+try:
+    from isal import isal_zlib as _deflate
+
+    PNG_COMPRESS_LEVEL = 0
+except ImportError:  # pragma: no cover - isal ships wheels for every platform torch does
+    _deflate = zlib
+    PNG_COMPRESS_LEVEL = 1
+PNG_COMPRESSOR = f"{_deflate.__name__.rsplit('.', 1)[-1]} level {PNG_COMPRESS_LEVEL}"
 GROUP_SIZE = 256
 DEDUP_SIZE = 16
 DEDUP_PERCENTILE = 1.0
@@ -382,11 +392,11 @@ _IDAT_CRC = zlib.crc32(b"IDAT")
 def png_files(images: np.ndarray) -> list[bytes]:
     """uint8 N×H×W×C (C = 1: grayscale, 3: RGB) -> one lossless 8-bit PNG file per image.
 
-    A minimal writer (IHDR, one IDAT with scanline filter 0 and zlib level 1, IEND) instead of Pillow's:
-    on 32-64px images Pillow's per-file overhead costs ~3x the CPU (150 vs 50 us at 32px, 335 vs 130 us
+    A minimal writer (IHDR, one IDAT with scanline filter 0 deflated by `PNG_COMPRESSOR`, IEND) instead of
+    Pillow's: on 32-64px images Pillow's per-file overhead costs ~3x the CPU (150 vs 50 us at 32px, 335 vs 130 us
     at 64px RGB, measured on MNIST/emoji) for files of about the same size, and on 2 cores that CPU is
     taken from the generator. Scanlines of the whole batch are laid out at once; any PNG reader decodes
-    the result, and the bytes depend only on the pixels and zlib.
+    the result, and the bytes depend only on the pixels and the compressor.
     """
     n, h, w, c = images.shape
     if images.dtype != np.uint8 or c not in (1, 3):
@@ -396,7 +406,7 @@ def png_files(images: np.ndarray) -> list[bytes]:
     head = _PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0 if c == 1 else 2, 0, 0, 0))
     files = []
     for k in range(n):
-        data = zlib.compress(raw[k], PNG_COMPRESS_LEVEL)
+        data = _deflate.compress(raw[k], PNG_COMPRESS_LEVEL)
         files.append(b"".join((head, struct.pack(">I", len(data)), b"IDAT", data,
                                struct.pack(">I", zlib.crc32(data, _IDAT_CRC)), _PNG_END)))
     return files
@@ -590,6 +600,7 @@ def _settings(ckpt: Any, plan: Plan, config: SynthConfig, dedup_real: Path | Non
         "truncation_method": "psi: z * psi (the prior's mean is 0)",
         "format": config.format,
         "quality": config.quality or DEFAULT_QUALITY[config.format],
+        "png_compressor": PNG_COMPRESSOR if config.format == "png" else None,
         "resolution": ckpt.resolution,
         "channels": ckpt.channels,
         "group_size": GROUP_SIZE,

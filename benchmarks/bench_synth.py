@@ -14,10 +14,15 @@ cheaper forward's (1 thread: no OpenMP synchronisation).
     python benchmarks/bench_synth.py                       # 10,000 images at 32 and 64px (~15 min on 2 cores)
     python benchmarks/bench_synth.py --out-dir /dev/shm    # the same, files on tmpfs (no disk in the loop)
     python benchmarks/bench_synth.py --n 1000 --repeats 1  # quick look
+    python benchmarks/bench_synth.py --codecs-only          # only the PNG compressor table (seconds)
+
+First it prints a table of PNG deflate compressors on real images (../shared/data: MNIST at 32px, emoji at
+64px): CPU microseconds per image and mean file size, for the compressor synth uses and the alternatives.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import resource
 import shutil
@@ -25,14 +30,20 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from augment_gan.checkpoint import load_checkpoint, save_checkpoint
 from augment_gan.config import TrainConfig
 from augment_gan.models import build_networks
-from augment_gan.synth import SynthConfig, synth
+from augment_gan.data import ReadOptions, load_folder
+from augment_gan.synth import PNG_COMPRESSOR, SynthConfig, png_files, synth
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data beside the repo
+CODEC_DATA = (("mnist", 32), ("emoji-twitter", 64))
 
 VARIANTS = {  # name -> (encoder pool, encoders, torch threads; None = synth's defaults)
     "synth, defaults (1 encoder thread, torch threads = cores)": (None, None, None),
@@ -41,6 +52,52 @@ VARIANTS = {  # name -> (encoder pool, encoders, torch threads; None = synth's d
     "synth, 1 encoder process, torch threads 2": ("process", 1, 2),
 }
 FORWARDS = {"G forward, torch threads 1": 1, "G forward, torch threads 2": 2}
+
+
+def codecs() -> dict:
+    """name -> compress(bytes) for every deflate compressor importable here."""
+    found = {"zlib level 1": lambda b: zlib.compress(b, 1), "zlib level 6 (Pillow's default)": lambda b: zlib.compress(b, 6),
+             "zlib level 0 (stored, no compression)": lambda b: zlib.compress(b, 0)}
+    try:
+        from isal import isal_zlib
+    except ImportError:
+        return found
+    found.update({"isal level 0": lambda b: isal_zlib.compress(b, 0), "isal level 1": lambda b: isal_zlib.compress(b, 1)})
+    return found
+
+
+def codec_table(cache: Path, n: int = 1000, repeats: int = 3) -> None:
+    """CPU time and size of each compressor on the scanlines png_files deflates, real images."""
+    print(f"PNG deflate on {n} real images each, best of {repeats}; synth uses: {PNG_COMPRESSOR}\n")
+    print("| images | compressor | CPU us/img | mean file bytes | x zlib-1 size |")
+    print("|---|---|---:|---:|---:|")
+    for name, res in CODEC_DATA:
+        folder = SHARED_DATA / name
+        if not folder.is_dir():
+            print(f"| {name} | (folder {folder} not found) | | | |")
+            continue
+        images = np.ascontiguousarray(load_folder(folder, ReadOptions(resolution=res), cache_dir=cache,
+                                                  progress=False).images[:n])
+        k, h, w, c = images.shape
+        raw = np.zeros((k, h, 1 + w * c), np.uint8)
+        raw[:, :, 1:] = images.reshape(k, h, w * c)  # what png_files compresses: filter byte 0 + pixels
+        lines = [bytes(r) for r in raw]
+        sizes = {}
+        for codec, compress in codecs().items():
+            best = math.inf
+            for _ in range(repeats):
+                t = time.process_time()
+                out = [compress(b) for b in lines]
+                best = min(best, time.process_time() - t)
+            assert zlib.decompress(out[0]) == lines[0]
+            sizes[codec] = float(np.mean([len(o) for o in out]))
+            ref = sizes.get("zlib level 1", sizes[codec])
+            print(f"| {name} {res}px | {codec} | {best / k * 1e6:.1f} | {sizes[codec]:.0f} | {sizes[codec] / ref:.2f} |")
+        t = time.process_time()
+        files = png_files(images)
+        print(f"| {name} {res}px | whole png_files (synth's writer) | {(time.process_time() - t) / k * 1e6:.1f} "
+              f"| {np.mean([len(f) for f in files]):.0f} | |")
+    print()
 
 
 def cpu_seconds() -> float:
@@ -105,9 +162,17 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="folder whose file system receives the images (default: the temp dir; try /dev/shm)")
+    parser.add_argument("--codecs-only", action="store_true", help="print the PNG compressor table and stop")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-synth-"))
+    try:
+        codec_table(work / "cache")
+    finally:
+        if args.codecs_only:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.codecs_only:
+        return
     # Every measurement writes a fresh folder and all are deleted at the end: deleting 10,000 files right
     # before a measurement would make it pay for the file system's clean-up (discard) too.
     out_dir = Path(tempfile.mkdtemp(prefix="bench-synth-out-", dir=args.out_dir))

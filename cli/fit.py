@@ -6,8 +6,10 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from augment_gan.config import RESOLUTIONS
+from augment_gan.config import FITS, RESOLUTIONS, TrainConfig
 from augment_gan.device import DEVICE_CHOICES
+
+_DEFAULTS = TrainConfig()  # the options' defaults are the config's, so the two cannot drift apart
 
 # Options that map 1:1 onto TrainConfig fields.
 _CONFIG_OPTIONS = {"resolution": "resolution", "minutes": "minutes", "kimg": "kimg", "batch_size": "batch_size",
@@ -20,18 +22,19 @@ _CONFIG_OPTIONS = {"resolution": "resolution", "minutes": "minutes", "kimg": "ki
               help="Run directory (default: runs/<folder name>).")
 @click.option("--resolution", type=click.Choice([str(r) for r in RESOLUTIONS]), default="32", show_default=True,
               callback=lambda c, p, v: int(v), help="Square training resolution.")
-@click.option("--minutes", type=float, default=5.0, show_default=True, help="Wall-clock training budget.")
+@click.option("--minutes", type=float, default=_DEFAULTS.minutes, show_default=True, help="Wall-clock training budget.")
 @click.option("--kimg", type=float, default=None, help="Budget in thousands of real images shown (overrides --minutes).")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Global batch size.")
+@click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True,
+              help="Global batch size (small batches mean more updates per CPU-minute; try 64+ on a GPU).")
 @click.option("--device", type=str, default="auto", show_default=True, help=f"One of {', '.join(DEVICE_CHOICES)} or cuda:N.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the latest checkpoint in --out exactly where it stopped.")
 @click.option("--unconditional", is_flag=True, help="Ignore class subfolders.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="YAML file of TrainConfig fields (command-line options win).")
-@click.option("--fit", "fit_mode", type=click.Choice(["center-crop", "pad", "resize"]), default="center-crop",
+@click.option("--fit", "fit_mode", type=click.Choice(list(FITS)), default=_DEFAULTS.fit,
               show_default=True, help="How non-square images become square.")
-@click.option("--checkpoint-minutes", type=float, default=10.0, show_default=True)
+@click.option("--checkpoint-minutes", type=float, default=_DEFAULTS.checkpoint_minutes, show_default=True)
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Where decoded images are cached (default: RUN/cache).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
