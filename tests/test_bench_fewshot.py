@@ -1,0 +1,60 @@
+"""The few-shot benchmark script end to end on a small real digit folder: the K-shot draw, a conditional fit,
+balanced synthetic images, the paired classifier arms and the table. Accuracies are only checked to be
+accuracies (quality needs minutes of training; the benchmark itself is for measuring)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_fewshot", BENCHMARKS / "bench_fewshot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_draw_shots_takes_k_per_class_and_tests_on_the_rest(bench):
+    labels = np.repeat(np.arange(3), 10)
+    train, test = bench.draw_shots(labels, 4, seed=0)
+    assert np.bincount(labels[train]).tolist() == [4, 4, 4]
+    assert sorted(np.concatenate([train, test]).tolist()) == list(range(30))
+    assert not np.array_equal(train, bench.draw_shots(labels, 4, seed=1)[0])  # the seed changes the draw
+    assert np.array_equal(train, bench.draw_shots(labels, 4, seed=0)[0])
+
+
+def test_short_run_writes_results_and_table(tmp_path: Path, shared_data: Path):
+    data = tmp_path / "digits"
+    for c in ("0", "1", "7"):
+        (data / c).mkdir(parents=True)
+        for f in sorted((shared_data / "mnist" / c).iterdir())[:12]:
+            shutil.copy(f, data / c / f.name)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(BENCHMARKS / "bench_fewshot.py"), "--data", str(data), "--shots", "3",
+           "--seeds", "1", "--fit-kimg", "0.064", "--steps", "10", "--synthetic", "30", "--ratios", "0.25,0.5",
+           "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| K / class | real only | + synthetic 0.25 | + synthetic 0.5 | best gain |" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    (run,) = results["shots"]["3"]["runs"]
+    assert run["train_images"] == 9 and run["test_images"] == 27
+    assert 0 <= run["real_only"] <= 1 and set(run["mixed"]) == {"0.25", "0.5"}
+    assert all(0 <= acc <= 1 for acc in run["mixed"].values())
+    assert (out / "k3-seed0" / "synthetic.png").is_file()
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path: Path):
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_fewshot.py"), "--ratios", "1.5",
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.startswith("Error: --ratios") and "Traceback" not in proc.stderr
