@@ -57,13 +57,15 @@ whether augmenting at all would have helped."""
 
 # The ablation: each variant changes one thing in the default configuration, so its row says what that
 # thing contributes at this budget. Rotation and completion (off by default) are switched on at SSGAN's
-# weights; the encoder and the augmentation (on by default) are switched off; `fixed-p` replaces the
-# adaptive probability by a constant. `lr2e-4` and `batch-64` are DCGAN's settings, which the default left.
+# weights (`selfsup-on`: both); the encoder and the augmentation (on by default) are switched off; `fixed-p`
+# replaces the adaptive probability by a constant. `lr2e-4` and `batch-64` are DCGAN's settings, which the
+# default left.
 ROTATION_ON = {"rotation_d_weight": 1.0, "rotation_g_weight": 0.2}
 VARIANTS: dict[str, dict] = {
     "default": {},
     "rotation-on": ROTATION_ON,
     "completion-on": {"completion_weight": 1.0},
+    "selfsup-on": {**ROTATION_ON, "completion_weight": 1.0},
     "encoder-off": {"encoder_weight": 0.0},
     "diffaug-off": {"diffaug": ()},
     "fixed-p": {"fixed_p": FIXED_P},
