@@ -42,8 +42,9 @@ class TrainConfig:
     makes budgets comparable on a shared machine (the benchmarks use it)."""
     batch_size: int = 32
     """Global batch size (split across ranks under torchrun). Small because a CPU run is update-limited:
-    `benchmarks/bench_fit.py` measured 5 CPU-minutes at batch 32 and lr 4e-4 reaching MNIST FD 6.9 and
-    emoji FD 5.8, vs 20.6 and 34.8 at batch 64 and lr 2e-4. On a GPU, larger batches cost little more."""
+    in `benchmarks/bench_fit.py` (5 CPU-minutes, 32 px) batch 32 with lr 4e-4 reached MNIST FD 6.9 and emoji
+    FD 6.0, vs 20.6 and 34.8 at batch 64 with lr 2e-4 (MNIST at batch 64, lr 4e-4: 6.7). On a GPU, larger
+    batches cost little more."""
     seed: int = 0
 
     # Networks.
@@ -68,9 +69,9 @@ class TrainConfig:
     """EMA half-life is at most `ema_rampup` × kimg so far, so early samples are not stuck at init."""
 
     # Self-supervised constraints (each 0 disables it). Rotation and completion are off by default because
-    # `benchmarks/bench_fit.py --ablations` measured them hurting at a 5-minute CPU budget (MNIST 32 px, FD
-    # in classifier features, lower is better): all on 31.9, without rotation 19.1, without completion 23.7;
-    # their extra D passes cost steps that a short run cannot spare. Turn them on for long (GPU) runs.
+    # `benchmarks/bench_fit.py` (5 CPU-minutes, 32 px, FD in classifier features, lower is better) found no
+    # reliable gain: with both on, MNIST 6.57 vs 6.91 at seed 0 but 8.44 vs 7.23 at seed 1, emoji 6.86 vs 5.96
+    # and 8.20 vs 7.17; their extra D passes cost ~10% of the steps. Turn them on for long (GPU) runs.
     rotation_d_weight: float = 0.0
     """D predicts the rotation (0/90/180/270°) of real images (SSGAN, Chen et al. 2019, uses 1.0)."""
     rotation_g_weight: float = 0.0
@@ -79,7 +80,7 @@ class TrainConfig:
     """D's features reconstruct a masked region of real images, loss ½‖x̄ − x̂‖² on the region (try 1.0)."""
     encoder_weight: float = 1.0
     """Train the VAE-style latent encoder E (used by `vary`); E's loss never changes G or D. On by default
-    because `vary` needs it; it costs about 9% of the steps (MNIST FD 29.2 without it vs 31.9 with)."""
+    because `vary` needs it; at batch 32 it costs about 23% of the steps (MNIST FD 5.7 without it vs 6.9)."""
     encoder_kl_weight: float = 0.01
     selfsup_fraction: float = 0.25
     """Share of each batch the self-supervised passes and the encoder see (each pass costs extra D or G
