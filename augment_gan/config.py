@@ -43,8 +43,9 @@ class TrainConfig:
     batch_size: int = 32
     """Global batch size (split across ranks under torchrun). Small because a CPU run is update-limited:
     in `benchmarks/bench_fit.py` (5 CPU-minutes, 32 px) batch 32 with lr 4e-4 reached MNIST FD 6.9 and emoji
-    FD 6.0, vs 20.6 and 34.8 at batch 64 with lr 2e-4 (MNIST at batch 64, lr 4e-4: 6.7). On a GPU, larger
-    batches cost little more."""
+    FD 6.0 (seed 0), vs 20.6 and 34.8 at batch 64 with lr 2e-4 in an earlier run; in the same run MNIST
+    reached 6.7 at batch 64 / lr 4e-4 and 9.4 at batch 32 / lr 2e-4, so the learning rate matters most.
+    On a GPU, larger batches cost little more."""
     seed: int = 0
 
     # Networks.
