@@ -389,6 +389,17 @@ _PNG_END = _png_chunk(b"IEND", b"")
 _IDAT_CRC = zlib.crc32(b"IDAT")
 
 
+def png_scanlines(images: np.ndarray) -> np.ndarray:
+    """uint8 N×H×W×C (C = 1 or 3) -> N×H×(1 + W·C): each row prefixed by its filter type 0, the bytes a
+    PNG's IDAT deflates."""
+    n, h, w, c = images.shape
+    if images.dtype != np.uint8 or c not in (1, 3):
+        raise ValueError(f"PNG images must be uint8 N×H×W×1 or N×H×W×3, got {images.dtype} {images.shape}")
+    raw = np.zeros((n, h, 1 + w * c), np.uint8)  # each scanline starts with its filter type, 0 = none
+    raw[:, :, 1:] = images.reshape(n, h, w * c)
+    return raw
+
+
 def png_files(images: np.ndarray) -> list[bytes]:
     """uint8 N×H×W×C (C = 1: grayscale, 3: RGB) -> one lossless 8-bit PNG file per image.
 
@@ -399,10 +410,7 @@ def png_files(images: np.ndarray) -> list[bytes]:
     the result, and the bytes depend only on the pixels and the compressor.
     """
     n, h, w, c = images.shape
-    if images.dtype != np.uint8 or c not in (1, 3):
-        raise ValueError(f"png_files takes uint8 N×H×W×1 or N×H×W×3, got {images.dtype} {images.shape}")
-    raw = np.zeros((n, h, 1 + w * c), np.uint8)  # each scanline starts with its filter type, 0 = none
-    raw[:, :, 1:] = images.reshape(n, h, w * c)
+    raw = png_scanlines(images)
     head = _PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0 if c == 1 else 2, 0, 0, 0))
     files = []
     for k in range(n):

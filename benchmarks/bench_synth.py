@@ -40,7 +40,7 @@ from augment_gan.checkpoint import load_checkpoint, save_checkpoint
 from augment_gan.config import TrainConfig
 from augment_gan.models import build_networks
 from augment_gan.data import ReadOptions, load_folder
-from augment_gan.synth import PNG_COMPRESSOR, SynthConfig, png_files, synth
+from augment_gan.synth import PNG_COMPRESSOR, SynthConfig, png_files, png_scanlines, synth
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data beside the repo
 CODEC_DATA = (("mnist", 32), ("emoji-twitter", 64))
@@ -78,10 +78,8 @@ def codec_table(cache: Path, n: int = 1000, repeats: int = 3) -> None:
             continue
         images = np.ascontiguousarray(load_folder(folder, ReadOptions(resolution=res), cache_dir=cache,
                                                   progress=False).images[:n])
-        k, h, w, c = images.shape
-        raw = np.zeros((k, h, 1 + w * c), np.uint8)
-        raw[:, :, 1:] = images.reshape(k, h, w * c)  # what png_files compresses: filter byte 0 + pixels
-        lines = [bytes(r) for r in raw]
+        k = len(images)
+        lines = [bytes(r) for r in png_scanlines(images)]  # exactly what png_files deflates
         sizes = {}
         for codec, compress in codecs().items():
             best = math.inf
@@ -165,14 +163,11 @@ def main() -> None:
     parser.add_argument("--codecs-only", action="store_true", help="print the PNG compressor table and stop")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="bench-synth-"))
-    try:
-        codec_table(work / "cache")
-    finally:
-        if args.codecs_only:
-            shutil.rmtree(work, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="bench-synth-cache-") as cache:
+        codec_table(Path(cache))
     if args.codecs_only:
         return
+    work = Path(tempfile.mkdtemp(prefix="bench-synth-"))
     # Every measurement writes a fresh folder and all are deleted at the end: deleting 10,000 files right
     # before a measurement would make it pay for the file system's clean-up (discard) too.
     out_dir = Path(tempfile.mkdtemp(prefix="bench-synth-out-", dir=args.out_dir))

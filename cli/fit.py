@@ -20,7 +20,8 @@ _CONFIG_OPTIONS = {"resolution": "resolution", "minutes": "minutes", "kimg": "ki
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
               help="Run directory (default: runs/<folder name>).")
-@click.option("--resolution", type=click.Choice([str(r) for r in RESOLUTIONS]), default="32", show_default=True,
+@click.option("--resolution", type=click.Choice([str(r) for r in RESOLUTIONS]), default=str(_DEFAULTS.resolution),
+              show_default=True,
               callback=lambda c, p, v: int(v), help="Square training resolution.")
 @click.option("--minutes", type=float, default=_DEFAULTS.minutes, show_default=True, help="Wall-clock training budget.")
 @click.option("--kimg", type=float, default=None, help="Budget in thousands of real images shown (overrides --minutes).")

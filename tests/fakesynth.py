@@ -14,9 +14,10 @@ from PIL import Image
 FAKE_DIGEST = "0" * 64
 
 
-def copy_classes(src: Path, dst: Path, start: int, stop: int) -> Path:
-    """An ImageFolder at `dst` with files [start, stop) (sorted) of every class folder of `src`."""
-    for d in sorted(p for p in src.iterdir() if p.is_dir()):
+def copy_classes(src: Path, dst: Path, start: int, stop: int, classes: tuple[str, ...] | None = None) -> Path:
+    """An ImageFolder at `dst` with files [start, stop) (sorted) of every class folder of `src`, or only of
+    the named `classes`."""
+    for d in sorted(p for p in src.iterdir() if p.is_dir() and (classes is None or p.name in classes)):
         (dst / d.name).mkdir(parents=True)
         for f in sorted(d.iterdir())[start:stop]:
             shutil.copy(f, dst / d.name / f.name)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from fakesynth import copy_classes
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -34,11 +35,7 @@ def test_draw_shots_takes_k_per_class_and_tests_on_the_rest(bench):
 
 
 def test_short_run_writes_results_and_table(tmp_path: Path, shared_data: Path):
-    data = tmp_path / "digits"
-    for c in ("0", "1", "7"):
-        (data / c).mkdir(parents=True)
-        for f in sorted((shared_data / "mnist" / c).iterdir())[:12]:
-            shutil.copy(f, data / c / f.name)
+    data = copy_classes(shared_data / "mnist", tmp_path / "digits", 0, 12, classes=("0", "1", "7"))
     out = tmp_path / "out"
     cmd = [sys.executable, str(BENCHMARKS / "bench_fewshot.py"), "--data", str(data), "--shots", "3",
            "--seeds", "1", "--fit-kimg", "0.064", "--steps", "10", "--synthetic", "30", "--ratios", "0.25,0.5",

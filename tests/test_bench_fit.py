@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from fakesynth import copy_classes
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -34,12 +35,7 @@ def bench():
 @pytest.fixture()
 def digits(tmp_path: Path, shared_data: Path) -> Path:
     """3 classes × 24 real mnist digits: enough for a classifier split and a few GAN steps."""
-    root = tmp_path / "digits"
-    for c in ("0", "1", "7"):
-        (root / c).mkdir(parents=True)
-        for f in sorted((shared_data / "mnist" / c).iterdir())[:24]:
-            shutil.copy(f, root / c / f.name)
-    return root
+    return copy_classes(shared_data / "mnist", tmp_path / "digits", 0, 24, classes=("0", "1", "7"))
 
 
 def test_short_run_writes_table_results_and_grids(tmp_path: Path, digits: Path):
