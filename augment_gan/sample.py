@@ -1,7 +1,7 @@
 """The sampling pipeline: per-index latents (and labels) through the EMA generator to uint8 images.
 
-Sample i is a pure function of (checkpoint, seed, i): its latent comes from a generator of its own, seeded
-from a hash of (seed, i), so batch size, sharding, resuming and the order of indices never change an image.
+Sample i is a pure function of (checkpoint, seed, i): its latent comes from a counter-based generator keyed
+by (seed, i), so batch size, sharding, resuming and the order of indices never change an image.
 Nothing here holds training state; `synth` and `vary` compose these functions: `latents` -> `decode`
 (G_ema; `generate` = both), and `encode` (the latent encoder E) for variations of real images.
 
@@ -15,6 +15,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from augment_gan.errors import UserError
@@ -31,21 +32,44 @@ def derive_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & (2**63 - 1)
 
 
+LATENT_SCHEME = "splitmix64(seed, index, j) + Box-Muller, float64 -> float32"
+"""How `latents` turns (seed, index) into numbers; recorded by `synth` so a set never mixes two schemes."""
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser (Steele et al. 2014), element-wise on uint64 (products wrap mod 2**64)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
 def latents(seed: int, indices: Sequence[int] | torch.Tensor, z_dim: int) -> torch.Tensor:
     """float32 N×z_dim standard-normal latents; row k depends only on (seed, indices[k]).
 
-    Each index gets a CPU `torch.Generator` seeded with `derive_seed(seed, index)` (about 10 µs per index),
-    so the result is the same on every device and for every batching of the indices.
+    Counter-based, so a whole batch is a few vectorised numpy operations (about 1 µs per index, vs 10 µs
+    for a seeded torch.Generator per index, which cost 5% of `synth`'s throughput at 32px): each index gets
+    a 64-bit key mixed from `derive_seed(seed)` and the index, the key's SplitMix64 stream gives uniform
+    pairs, and Box-Muller turns them into normals. The same on every device and for every batching of the
+    indices; computed in float64 and rounded to float32, so another CPU's libm could change a value only
+    when it lands within one float64 ulp of a float32 rounding boundary.
     """
-    index_list = [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
-    out = torch.empty(len(index_list), z_dim)
-    gen = torch.Generator()
-    for row, index in enumerate(index_list):
-        if index < 0:
-            raise UserError(f"sample indices must be >= 0, got {index}")
-        gen.manual_seed(derive_seed(seed, index))
-        out[row] = torch.randn(z_dim, generator=gen)
-    return out
+    idx = np.asarray(indices.tolist() if isinstance(indices, torch.Tensor) else list(indices), dtype=np.int64)
+    if idx.size and int(idx.min()) < 0:
+        raise UserError(f"sample indices must be >= 0, got {int(idx.min())}")
+    if idx.size == 0:
+        return torch.empty(0, z_dim)
+    with np.errstate(over="ignore"):
+        key = _mix64(np.uint64(derive_seed(seed)) ^ _mix64(idx.astype(np.uint64) * _GOLDEN + _GOLDEN))
+        half = (z_dim + 1) // 2
+        steps = np.arange(1, 2 * half + 1, dtype=np.uint64) * _GOLDEN
+        bits = _mix64(key[:, None] + steps[None, :])                      # N × 2·half uniform words
+    u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53    # in (0, 1), 53 bits
+    radius = np.sqrt(-2.0 * np.log(u[:, :half]))
+    angle = 2.0 * np.pi * u[:, half:]
+    z = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)], axis=1)[:, :z_dim]
+    return torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
 
 
 def balanced_labels(indices: Sequence[int] | torch.Tensor, num_classes: int) -> torch.Tensor:

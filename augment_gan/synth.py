@@ -123,7 +123,9 @@ class SynthConfig:
     workers: int | None = None
     """Encoder threads (default: 1 per 8 cores on a CPU device, all cores but one with a GPU)."""
     threads: int | None = None
-    """torch intra-op threads while generating (default: torch's, i.e. all cores)."""
+    """torch intra-op threads of each generator lane (default: see `default_lanes`)."""
+    lanes: int | None = None
+    """Generator forwards running at once, each on its own thread and batch (default: see `default_lanes`)."""
     pool: str = "thread"
     """Encoder pool: "thread" or "process" (threads measured faster; see benchmarks/bench_synth.py)."""
     progress: bool = True
@@ -158,6 +160,8 @@ class SynthConfig:
             raise UserError(f"--workers must be >= 1, got {self.workers}")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be >= 1, got {self.threads}")
+        if self.lanes is not None and self.lanes < 1:
+            raise UserError(f"--lanes must be >= 1, got {self.lanes}")
         if self.pool not in ("thread", "process"):
             raise UserError(f"unknown writer pool {self.pool!r}; choose thread or process")
         if self.shard is not None:
@@ -191,6 +195,7 @@ class SynthSummary:
     images_per_second: float
     workers: int
     threads: int
+    lanes: int
     batch_size: int
     device: str
     shard_manifest: str | None = None
@@ -225,6 +230,24 @@ def shard_from_env() -> tuple[int, int]:
 def default_batch_size(resolution: int) -> int:
     # 256 saturates 2 CPU cores at 32-64px (benchmarks/bench_synth.py); keep activations bounded above that.
     return 256 if resolution <= 64 else max(16, 256 * 64 * 64 // resolution**2)
+
+
+def default_lanes(device_type: str, lanes: int | None = None, threads: int | None = None) -> tuple[int, int]:
+    """(generator lanes, torch threads per lane), filling in whichever of the two is None.
+
+    A GPU runs one lane with torch's threads. On a CPU the default is one lane per core with one thread
+    each: OpenMP threads wait for each other at the end of every operator, so when the encoder thread takes
+    a core one of G's threads stalls the other; independent single-threaded lanes do not stall
+    (benchmarks/bench_synth.py measures both).
+    """
+    import torch
+
+    if device_type != "cpu":
+        return lanes or 1, threads or torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    if lanes is None:
+        lanes = max(1, cores // threads) if threads else cores
+    return lanes, threads or max(1, cores // lanes)
 
 
 def default_workers(device_type: str = "cpu") -> int:
@@ -441,30 +464,34 @@ def encode_image(array: np.ndarray, fmt: str, quality: int | None = None) -> byt
 
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
+# Folder descriptors for name-relative open/rename (POSIX); elsewhere every call takes the full path.
+_DIR_FDS = hasattr(os, "O_DIRECTORY") and {os.open, os.rename, os.unlink} <= os.supports_dir_fd
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+def write_atomic(path: str | os.PathLike, data: bytes, dir_fd: int | None = None) -> None:
     """Write one image file through `<name>.tmp-<pid>` in the same folder and a rename.
 
     The per-image fast path of `augment_gan.atomic.write_bytes_atomic(durable=False)`: plain os calls, no
     Path or file objects and no unlink probe cost 35 instead of 123 us of CPU per file (tmpfs, measured),
-    about 9% of generating a 32px image. No fsync: this protects against a killed process (the case resume
-    handles), not against power loss; manifests and synth.json are written durably.
+    about 9% of generating a 32px image. With `dir_fd` (an open descriptor of the folder) `path` is a bare
+    file name, so the kernel does not walk the whole path again for the open and the rename. No fsync:
+    this protects against a killed process (the case resume handles), not against power loss; manifests and
+    synth.json are written durably.
     """
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        fd = os.open(tmp, _CREATE, 0o644)
+        fd = os.open(tmp, _CREATE, 0o644, dir_fd=dir_fd)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        os.replace(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         try:
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         except FileNotFoundError:
             pass
         raise
@@ -486,8 +513,19 @@ def _write_chunk(images: Any, paths: list[str], fmt: str, quality: int | None) -
     if not isinstance(images, np.ndarray):
         images = _hwc_uint8(images)
     files = png_files(images) if fmt == "png" else [encode_image(a, fmt, quality) for a in images]
-    for data, path in zip(files, paths):
-        write_atomic(path, data)
+    folders: dict[str, int] = {}  # folder -> open descriptor, for name-relative opens and renames
+    try:
+        for data, path in zip(files, paths):
+            if not _DIR_FDS:
+                write_atomic(path, data)
+                continue
+            folder, name = os.path.split(path)
+            if folder not in folders:
+                folders[folder] = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY)
+            write_atomic(name, data, dir_fd=folders[folder])
+    finally:
+        for fd in folders.values():
+            os.close(fd)
     return len(paths)
 
 
@@ -594,6 +632,8 @@ def load_dedup_index(ckpt: Any, root: Path, progress: bool) -> DedupIndex:
 # The output folder: settings, overwrite rules, manifests.
 
 def _settings(ckpt: Any, plan: Plan, config: SynthConfig, dedup_real: Path | None) -> dict[str, Any]:
+    from augment_gan.sample import LATENT_SCHEME
+
     return {
         "layout_version": LAYOUT_VERSION,
         "package_version": __version__,
@@ -606,6 +646,7 @@ def _settings(ckpt: Any, plan: Plan, config: SynthConfig, dedup_real: Path | Non
         "seed": config.seed,
         "truncation": config.truncation,
         "truncation_method": "psi: z * psi (the prior's mean is 0)",
+        "latent_scheme": LATENT_SCHEME,
         "format": config.format,
         "quality": config.quality or DEFAULT_QUALITY[config.format],
         "png_compressor": PNG_COMPRESSOR if config.format == "png" else None,
@@ -624,7 +665,7 @@ def _settings(ckpt: Any, plan: Plan, config: SynthConfig, dedup_real: Path | Non
 
 
 _IDENTITY = ("layout_version", "classes", "conditional", "selected_classes", "counts", "n", "seed",
-             "truncation", "format", "quality", "group_size")
+             "truncation", "latent_scheme", "format", "quality", "group_size")
 
 
 def _identity(settings: dict[str, Any]) -> dict[str, Any]:
@@ -930,10 +971,7 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
     common = {"seed": config.seed, "truncation": config.truncation, "checkpoint": ckpt.digest}
     batch_size = config.batch_size or default_batch_size(ckpt.resolution)
     workers = config.workers or default_workers(device.type)
-    # G keeps all the cores (torch's default) and the encoder thread interleaves: on an idle 2-core machine
-    # that beat leaving a core to the encoder (79-83% of the 2-thread forward rate vs 60-63%), although on a
-    # loaded machine 1 torch thread does better; --threads chooses (benchmarks/bench_synth.py).
-    threads = config.threads or torch.get_num_threads()
+    lanes, threads = default_lanes(device.type, config.lanes, config.threads)
 
     # Prepare the folder: clear a replaced set, remove stale temporaries, record the settings.
     out.mkdir(parents=True, exist_ok=True)
@@ -1007,6 +1045,8 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     prefetch = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="synth-latents")
+    generator = cf.ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="synth-g")
+    running: deque = deque()  # generator futures, oldest first
     try:
         stream = [(unit, latent) for unit, cands in jobs for latent in cands]
         starts = range(0, len(stream), batch_size)
@@ -1016,15 +1056,24 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
             ids = [latent for _, latent in stream[start:start + batch_size]]
             return sample.latents(config.seed, ids, ckpt.z_dim) * config.truncation
 
-        # The next batch's latents are drawn on another thread while G runs (the main thread is G's).
+        def batch_labels(start: int) -> list[int] | None:
+            return [unit.label for unit, _ in stream[start:start + batch_size]] if ckpt.num_classes else None
+
+        # Latents are drawn on their own thread, one batch ahead; `lanes` generator forwards run at once on
+        # the lane threads (float N×C×H×W on the device) and are consumed in order here.
         next_z = prefetch.submit(batch_latents, 0) if stream else None
+        submitted = 0
         for start in starts:
+            while submitted < len(starts) and len(running) < lanes:
+                s_start = starts[submitted]
+                z = next_z.result()
+                if s_start + batch_size < len(stream):
+                    next_z = prefetch.submit(batch_latents, s_start + batch_size)
+                running.append(generator.submit(sample.decode_float, ckpt, z, batch_labels(s_start), device=device))
+                submitted += 1
             batch = stream[start:start + batch_size]
-            z = next_z.result()
-            if start + batch_size < len(stream):
-                next_z = prefetch.submit(batch_latents, start + batch_size)
-            labels = [unit.label for unit, _ in batch] if ckpt.num_classes else None
-            images = sample.decode_float(ckpt, z, labels, device=device)  # float N×C×H×W on the device
+            labels = batch_labels(start)
+            images = running.popleft().result()
             if not filtered:
                 # On a CPU the uint8 conversion happens on the encoder threads, off G's critical path.
                 images = images if device.type == "cpu" else to_uint8(images).cpu()
@@ -1071,6 +1120,9 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
         writer.drain()
         ok = True
     finally:
+        for future in running:
+            future.cancel()
+        generator.shutdown(wait=True)
         torch.set_num_threads(saved_threads)
         prefetch.shutdown(wait=True)
         writer.close(ok)
@@ -1096,5 +1148,5 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
         dedup_threshold=dedup.threshold if dedup is not None else None,
         manifest=str(merged) if merged else None, seconds=round(seconds, 3),
         images_per_second=round(counts["written"] / loop_seconds, 2) if loop_seconds > 0 and counts["written"] else 0.0,
-        workers=workers, threads=threads, batch_size=batch_size, device=str(device),
+        workers=workers, threads=threads, lanes=lanes, batch_size=batch_size, device=str(device),
         shard_manifest=str(shard_manifest) if shard[1] > 1 else None)

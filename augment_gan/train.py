@@ -248,11 +248,25 @@ def _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank,
     ops = tuple(config.diffaug)
     use_rot_d, use_rot_g = config.rotation_d_weight > 0, config.rotation_g_weight > 0
     use_completion, use_encoder = config.completion_weight > 0, config.encoder_weight > 0
+    use_ms = config.mode_seeking_weight > 0
+    if use_ms and b % 2:
+        raise UserError(f"mode_seeking_weight > 0 needs an even per-rank batch, got {b}")
 
-    def draw_labels() -> torch.Tensor | None:
+    def draw_labels(paired: bool = False) -> torch.Tensor | None:
         # Fake labels follow the data's class frequencies: the label of a random training image.
-        idx = torch.randint(n_images, (B,), generator=gen)[local]
-        return labels[idx].to(dev) if conditional else None
+        # Paired: rows 2i and 2i+1 share a label (the mode-seeking term compares them).
+        idx = torch.randint(n_images, (B,), generator=gen)
+        if paired:
+            idx[1::2] = idx[0::2]
+        return labels[idx[local]].to(dev) if conditional else None
+
+    def global_mean(t: torch.Tensor) -> torch.Tensor:
+        """Mean of `t` over every rank's elements, differentiable (each rank has the same count)."""
+        if world == 1:
+            return t.mean()
+        from torch.distributed.nn.functional import all_reduce  # differentiable all-reduce
+
+        return all_reduce(t.mean()) / world
 
     def to_dev(x: torch.Tensor) -> torch.Tensor:
         x = x.to(dev, non_blocking=True)
@@ -313,6 +327,7 @@ def _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank,
     last_ckpt_time = wall_start
     last_path: Path | None = existing[-1] if existing else None
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}  # steps that logged each loss (E's only every encoder_interval steps)
     window_start, window_nimg = time.monotonic(), nimg
     bar = tqdm(total=config.kimg, unit="kimg", disable=not (progress and is_main), file=sys.stderr,
                initial=nimg / 1000, bar_format="{l_bar}{bar}| {n:.2f}/{total} kimg [{elapsed}<{remaining}{postfix}]"
@@ -331,7 +346,7 @@ def _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank,
             rot_k = torch.randint(4, (B,), generator=gen)[local][sub]
             masks = selfsup.draw_masks(B, config.resolution, gen)[local][sub]
             z_g = torch.randn(B, config.z_dim, generator=gen)[local].to(dev)
-            y_g = draw_labels()
+            y_g = draw_labels(paired=use_ms)
             aug_g = diffaug.slice_params(diffaug.draw(B, p, ops, gen), local.start, local.stop)
             rot_k_g = torch.randint(4, (B,), generator=gen)[local][sub]
             eps = torch.randn(B, config.z_dim, generator=gen)[local][sub].to(dev)
@@ -376,6 +391,9 @@ def _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank,
                     rot_logits = D.rotation_logits(selfsup.rotate(fake[sub], rot_k_g))
                     logs["loss_rot_g"] = selfsup.rotation_loss(rot_logits, rot_k_g)
                     loss_g = loss_g + config.rotation_g_weight * logs["loss_rot_g"]
+                if use_ms:
+                    logs["loss_ms"] = losses.mode_seeking_loss(fake.float(), z_g, mean=global_mean)
+                    loss_g = loss_g + config.mode_seeking_weight * logs["loss_ms"]
             _check_finite(loss_g, "G", step, last_path, world)
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
@@ -392,7 +410,7 @@ def _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank,
                     b_ema.copy_(b_cur)
 
             # -- Latent encoder: invert the EMA generator (E's loss never reaches G or D).
-            if use_encoder:
+            if use_encoder and step % config.encoder_interval == 0:
                 with _autocast(dev):
                     xs = x[sub]
                     mu, logvar = E(xs)
@@ -418,6 +436,7 @@ def _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank,
             # -- Logging, checkpoints, stop requests.
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
+                counts[k] = counts.get(k, 0) + 1
             bar.n = nimg / 1000
             if step % 10 == 0:
                 bar.refresh()
@@ -427,8 +446,8 @@ def _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank,
                           "time_s": round(elapsed_before + clock() - t_start, 3),
                           "img_per_s": round((nimg - window_nimg) / max(now - window_start, 1e-9), 2),
                           "p": round(p, 5), "rt": round(ada.rt, 5),
-                          **{k: round(v / config.log_every, 6) for k, v in sums.items()}}
-                sums, window_start, window_nimg = {}, now, nimg
+                          **{k: round(v / counts[k], 6) for k, v in sums.items()}}
+                sums, counts, window_start, window_nimg = {}, {}, now, nimg
                 if is_main:
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()

@@ -57,9 +57,9 @@ whether augmenting at all would have helped."""
 
 # The ablation: each variant changes one thing in the default configuration, so its row says what that
 # thing contributes at this budget. Rotation and completion (off by default) are switched on at SSGAN's
-# weights (`selfsup-on`: both); the encoder and the augmentation (on by default) are switched off; `fixed-p`
-# replaces the adaptive probability by a constant. `lr2e-4` and `batch-64` are DCGAN's settings, which the
-# default left.
+# weights (`selfsup-on`: both); the encoder, mode seeking and the augmentation (on by default) are switched
+# off, or the encoder trained every step instead of every 4th; `fixed-p` replaces the adaptive probability
+# by a constant. `lr2e-4` and `batch-64` are DCGAN's settings, which the default left.
 ROTATION_ON = {"rotation_d_weight": 1.0, "rotation_g_weight": 0.2}
 VARIANTS: dict[str, dict] = {
     "default": {},
@@ -67,6 +67,8 @@ VARIANTS: dict[str, dict] = {
     "completion-on": {"completion_weight": 1.0},
     "selfsup-on": {**ROTATION_ON, "completion_weight": 1.0},
     "encoder-off": {"encoder_weight": 0.0},
+    "encoder-every-step": {"encoder_interval": 1},
+    "mode-seeking-off": {"mode_seeking_weight": 0.0},
     "diffaug-off": {"diffaug": ()},
     "fixed-p": {"fixed_p": FIXED_P},
     "lr2e-4": {"g_lr": 2e-4, "d_lr": 2e-4},

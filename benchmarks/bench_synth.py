@@ -3,11 +3,12 @@
 For each resolution (32px grayscale, 64px RGB, 10 classes) this builds the default generator from a
 TrainConfig (random weights, saved and loaded through augment_gan.checkpoint: the real code path) unless
 --checkpoint is given, then alternates, --repeats times:
-  * forward: G_ema(z, y) on pre-made batches of --batch-size under inference_mode, n images, nothing else;
+  * forward: G_ema(z, y) on pre-made batches of --batch-size under inference_mode, n images, nothing else,
+             with 1 or 2 torch threads, or as 2 lanes (2 Python threads, 1 torch thread each, own batches);
   * synth:   augment_gan.synth.synth(...) writing n PNGs (latents, G, uint8, encoding pool, atomic writes,
-             manifest) with each encoder-pool variant.
+             manifest) with each lane/thread/encoder-pool variant.
 On a shared machine wall rates swing with what else runs, so each repeat measures everything back to back
-and the table gives the median of the paired ratios synth / faster-forward-of-that-repeat. CPU ms/img is the
+and the table gives the median of the paired ratios synth / fastest-forward-of-that-repeat. CPU ms/img is the
 process CPU time (all threads) per image, far steadier under load; the last column compares it with the
 cheaper forward's (1 thread: no OpenMP synchronisation).
 
@@ -18,10 +19,13 @@ cheaper forward's (1 thread: no OpenMP synchronisation).
 
 First it prints a table of PNG deflate compressors on real images (../shared/data: MNIST at 32px, emoji at
 64px): CPU microseconds per image and mean file size, for the compressor synth uses and the alternatives.
+Then a table of synth's own work besides G (latents, one atomic file write on --out-dir's file system, and a
+whole synth run with G replaced by a no-op), three rounds each, so the file system's variance shows.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import math
 import os
 import resource
@@ -40,18 +44,24 @@ from augment_gan.checkpoint import load_checkpoint, save_checkpoint
 from augment_gan.config import TrainConfig
 from augment_gan.models import build_networks
 from augment_gan.data import ReadOptions, load_folder
-from augment_gan.synth import PNG_COMPRESSOR, SynthConfig, png_files, png_scanlines, synth
+from augment_gan import sample
+from augment_gan.synth import PNG_COMPRESSOR, SynthConfig, png_files, png_scanlines, synth, write_atomic
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data beside the repo
 CODEC_DATA = (("mnist", 32), ("emoji-twitter", 64))
 
-VARIANTS = {  # name -> (encoder pool, encoders, torch threads; None = synth's defaults)
-    "synth, defaults (1 encoder thread, torch threads = cores)": (None, None, None),
-    "synth, 1 encoder thread, torch threads 1": ("thread", 1, 1),
-    "synth, 2 encoder threads, torch threads 2": ("thread", 2, 2),
-    "synth, 1 encoder process, torch threads 2": ("process", 1, 2),
+VARIANTS = {  # name -> (encoder pool, encoders, torch threads per lane, lanes; None = synth's defaults)
+    "synth, defaults": (None, None, None, None),
+    "synth, 1 lane x 2 threads, 1 encoder thread": ("thread", 1, 2, 1),
+    "synth, 1 lane x 1 thread, 1 encoder thread": ("thread", 1, 1, 1),
+    "synth, 2 lanes x 1 thread, 2 encoder threads": ("thread", 2, 1, 2),
+    "synth, 1 lane x 2 threads, 1 encoder process": ("process", 1, 2, 1),
 }
-FORWARDS = {"G forward, torch threads 1": 1, "G forward, torch threads 2": 2}
+FORWARDS = {  # name -> (torch threads per lane, lanes)
+    "G forward, 1 lane x 1 thread": (1, 1),
+    "G forward, 1 lane x 2 threads": (2, 1),
+    "G forward, 2 lanes x 1 thread": (1, 2),
+}
 
 
 def codecs() -> dict:
@@ -98,6 +108,49 @@ def codec_table(cache: Path, n: int = 1000, repeats: int = 3) -> None:
     print()
 
 
+def own_work_table(out_dir: Path, resolutions: list[int], n: int, batch: int, work: Path) -> None:
+    """What synth costs besides G: per-index latents, per-file atomic writes on --out-dir's file system
+    (three rounds, to show its variance), and a whole `synth` run with G replaced by a no-op."""
+    print("synth's own work (CPU us per image; G excluded)\n")
+    print("| what | round 1 | round 2 | round 3 |")
+    print("|---|---:|---:|---:|")
+    cells = []
+    for _ in range(3):
+        t = time.process_time()
+        for start in range(0, n, batch):
+            sample.latents(0, range(start, start + batch), 128)
+        cells.append(f"{(time.process_time() - t) / n * 1e6:.1f}")
+    print(f"| sample.latents, z_dim 128, batches of {batch} | " + " | ".join(cells) + " |")
+    cells = []
+    folder = Path(tempfile.mkdtemp(prefix="bench-synth-io-", dir=out_dir))
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        for r in range(3):
+            t = time.process_time()
+            for i in range(n):
+                write_atomic(f"{r}-{i}.png", b"\x89PNG" + bytes(300), dir_fd=fd)
+            cells.append(f"{(time.process_time() - t) / n * 1e6:.1f}")
+    finally:
+        os.close(fd)
+    print(f"| write_atomic of a 304-byte file (temp + rename) on {out_dir} | " + " | ".join(cells) + " |")
+    for res in resolutions:
+        ckpt = load_checkpoint(random_run(work / f"noop{res}", res, 1 if res == 32 else 3, 10))
+        fixed = torch.rand(batch, ckpt.channels, res, res) * 2 - 1
+
+        class NoOp(torch.nn.Module):
+            def forward(self, z, y=None):
+                return fixed[: z.shape[0]].clone()
+
+        ckpt.G_ema = NoOp()
+        cells = []
+        for r in range(3):
+            cpu = cpu_seconds()
+            synth(ckpt, folder / f"noop-{res}-{r}", SynthConfig(n=n, batch_size=batch, progress=False))
+            cells.append(f"{(cpu_seconds() - cpu) / n * 1e6:.1f}")
+        print(f"| whole `synth` with G replaced by a no-op, {res}px {ckpt.channels}ch, defaults | " + " | ".join(cells) + " |")
+    print()
+
+
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)  # encoder processes, once they have exited
@@ -118,39 +171,43 @@ def random_run(folder: Path, resolution: int, channels: int, classes: int) -> Pa
     return folder
 
 
-def forward_rate(ckpt, n: int, batch: int, threads: int) -> tuple[float, float]:
+def forward_rate(ckpt, n: int, batch: int, threads: int, lanes: int) -> tuple[float, float]:
+    """G_ema alone on pre-made batches: `lanes` Python threads at once, each with its own batch."""
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
+    z = torch.randn(batch, ckpt.z_dim)
+    y = torch.arange(batch) % ckpt.num_classes if ckpt.num_classes else None
+    per_lane = math.ceil(n / batch / lanes)
+
+    def lane() -> None:
+        with torch.inference_mode():
+            for _ in range(per_lane):
+                ckpt.G_ema(z, y)
+
     try:
-        return _forward_rate(ckpt, n, batch)
+        with torch.inference_mode():
+            ckpt.G_ema(z, y)  # warm-up
+        start, cpu = time.perf_counter(), cpu_seconds()
+        with cf.ThreadPoolExecutor(lanes) as pool:
+            for future in [pool.submit(lane) for _ in range(lanes)]:
+                future.result()
+        done = per_lane * lanes * batch
+        return done / (time.perf_counter() - start), (cpu_seconds() - cpu) / done * 1e3
     finally:
         torch.set_num_threads(saved)
 
 
-def _forward_rate(ckpt, n: int, batch: int) -> tuple[float, float]:
-    z = torch.randn(batch, ckpt.z_dim)
-    y = torch.arange(batch) % ckpt.num_classes if ckpt.num_classes else None
-    with torch.inference_mode():
-        ckpt.G_ema(z, y)  # warm-up
-        start, cpu = time.perf_counter(), cpu_seconds()
-        done = 0
-        while done < n:
-            ckpt.G_ema(z, y)
-            done += batch
-    return done / (time.perf_counter() - start), (cpu_seconds() - cpu) / done * 1e3
-
-
 def synth_rate(ckpt, n: int, batch: int, out: Path, pool: str | None, workers: int | None,
-               threads: int | None) -> tuple[float, float]:
+               threads: int | None, lanes: int | None) -> tuple[float, float]:
     start, cpu = time.perf_counter(), cpu_seconds()
-    summary = synth(ckpt, out, SynthConfig(n=n, batch_size=batch, workers=workers, threads=threads,
+    summary = synth(ckpt, out, SynthConfig(n=n, batch_size=batch, workers=workers, threads=threads, lanes=lanes,
                                            pool=pool or "thread", progress=False))
     wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     assert summary.written == n and summary.manifest, summary
     return n / wall, cpu / n * 1e3
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--resolutions", type=int, nargs="+", default=[32, 64])
@@ -161,7 +218,7 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="folder whose file system receives the images (default: the temp dir; try /dev/shm)")
     parser.add_argument("--codecs-only", action="store_true", help="print the PNG compressor table and stop")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-synth-cache-") as cache:
         codec_table(Path(cache))
@@ -174,6 +231,7 @@ def main() -> None:
     rows = []
     load_start = os.getloadavg()
     try:
+        own_work_table(out_dir, args.resolutions, args.n, args.batch_size, work)
         for res in args.resolutions:
             if args.checkpoint is not None:
                 ckpt = load_checkpoint(args.checkpoint)
@@ -184,14 +242,14 @@ def main() -> None:
             results.update({v: [] for v in args.variants})
             for rep in range(args.repeats):
                 # One repeat measures everything back to back, so a paired ratio sees the same machine load.
-                for f, threads in FORWARDS.items():
-                    results[f].append(forward_rate(ckpt, args.n, args.batch_size, threads))
+                for f, (threads, lanes) in FORWARDS.items():
+                    results[f].append(forward_rate(ckpt, args.n, args.batch_size, threads, lanes))
                 for v in args.variants:
                     out = out_dir / f"{res}-{rep}-{list(VARIANTS).index(v)}"
                     results[v].append(synth_rate(ckpt, args.n, args.batch_size, out, *VARIANTS[v]))
                 print(f"{res}px repeat {rep + 1}: " + ", ".join(f"{k} {r[-1][0]:.0f} img/s" for k, r in results.items()),
                       file=sys.stderr, flush=True)
-            # Reference: in each repeat, the faster G forward (what a user gets without writing anything).
+            # Reference: in each repeat, the fastest G forward (what a user gets without writing anything).
             best = [max(results[f][rep][0] for f in FORWARDS) for rep in range(args.repeats)]
             fwd_cpu = min(statistics.median(c for _, c in results[f]) for f in FORWARDS)
             for name, runs in results.items():
@@ -209,7 +267,7 @@ def main() -> None:
 
     print(f"\n{args.n:,} images per measurement, batch {args.batch_size}, median of {args.repeats}, "
           f"{os.cpu_count()} CPUs, images written to {out_dir}, load average "
-          f"{load_start[0]:.1f} -> {load_end[0]:.1f}; % of the faster G forward\n")
+          f"{load_start[0]:.1f} -> {load_end[0]:.1f}; % of the fastest G forward\n")
     print("| resolution | what | images/s median (min-max) | % of G forward, paired (min-max) "
           "| CPU ms/img | least forward CPU / this |")
     print("|---|---|---:|---:|---:|---:|")

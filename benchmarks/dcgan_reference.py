@@ -115,7 +115,7 @@ def train(data: torch.Tensor, *, minutes: float, clock: str = "wall", batch_size
 
         step += 1
         if progress is not None and step % 50 == 0:
-            progress(step, float(err_real + err_fake), float(err_g))
+            progress(step, (err_real + err_fake).item(), err_g.item())
     seconds = now() - t_start
     return G, {"steps": step, "kimg": step * batch_size / 1000, "train_seconds": seconds}
 

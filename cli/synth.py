@@ -28,7 +28,9 @@ import click
 @click.option("--workers", type=int, default=None,
               help="Encoder threads (default: 1 per 8 cores on CPU, all cores but one with a GPU).")
 @click.option("--threads", type=int, default=None,
-              help="torch threads for G (default: all cores; 1 can be faster on a busy machine).")
+              help="torch threads per generator lane (default: 1 on CPU, torch's with a GPU).")
+@click.option("--lanes", type=int, default=None,
+              help="Generator forwards run at once (default: one per core on CPU, 1 with a GPU).")
 @click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--overwrite", is_flag=True, help="Replace a set made with other settings.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -36,7 +38,7 @@ import click
 def command(run: Path, n: int | None, out: Path, per_class: int | None, classes: str | None, seed: int,
             truncation: float, fmt: str, quality: int | None, keep_top: float | None, dedup: bool,
             dedup_real: Path | None, shard: str | None, batch_size: int | None, workers: int | None,
-            threads: int | None, device: str, overwrite: bool, as_json: bool, quiet: bool) -> None:
+            threads: int | None, lanes: int | None, device: str, overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Write N synthetic images from RUN (a run directory = its latest checkpoint, or a checkpoint file).
 
     Conditional runs write OUT/<class>/<index>.png (balanced unless --per-class/--classes), unconditional
@@ -58,7 +60,8 @@ def command(run: Path, n: int | None, out: Path, per_class: int | None, classes:
         classes=tuple(c.strip() for c in classes.split(",") if c.strip()) if classes is not None else None,
         keep_top=keep_top, dedup=dedup, dedup_real=str(dedup_real) if dedup_real else None,
         batch_size=batch_size, shard=parse_shard(shard) if shard is not None else None, overwrite=overwrite,
-        device=device, workers=workers, threads=threads, progress=not quiet)
+        device=device, workers=workers, threads=threads, lanes=lanes,
+        progress=not quiet)
     summary = synth(run, out, config)
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))

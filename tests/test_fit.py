@@ -24,12 +24,14 @@ from augment_gan.models import build_networks
 from augment_gan.train import TrainingDiverged, _run_lock, fit
 
 # Small networks keep each step a few milliseconds on a CPU.
-# Every self-supervised constraint is on, whatever the defaults, so resume and DDP cover their randomness.
+# Every self-supervised constraint (and the mode-seeking term, whose fake labels come in pairs) is on, whatever
+# the defaults, so resume and DDP cover their randomness; E trains every other step, so resume covers that too.
 # lr pinned at 2e-4: Adam moves a weight by up to ~lr per step whatever the gradient's size, so the gloo test's
 # float-rounding tolerance (1e-3 over 6 steps) is calibrated for this lr, not for whatever the default becomes.
 TINY = dict(resolution=32, batch_size=8, g_channels=32, d_channels=8, min_channels=8, max_channels=32,
             z_dim=16, log_every=2, ada_interval=1, ada_kimg=0.5, minutes=None, g_lr=2e-4, d_lr=2e-4,
-            rotation_d_weight=1.0, rotation_g_weight=0.2, completion_weight=1.0, encoder_weight=1.0)
+            rotation_d_weight=1.0, rotation_g_weight=0.2, completion_weight=1.0, encoder_weight=1.0,
+            encoder_interval=2, mode_seeking_weight=1.0)
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,18 @@ def test_r1_penalty_is_squared_gradient_norm():
 
 # -- self-supervision ----------------------------------------------------------------------------------
 
+def test_mode_seeking_loss_punishes_pairs_that_look_alike():
+    z = torch.randn(4, 8)
+    same = torch.randn(2, 1, 4, 4).repeat_interleave(2, dim=0)      # rows 0=1 and 2=3: collapsed
+    different = torch.randn(4, 1, 4, 4)
+    assert losses.mode_seeking_loss(same, z) > 1e4                   # 1 / eps
+    assert losses.mode_seeking_loss(different, z) < 10
+    # Twice the image distance for the same latent distance halves the loss.
+    assert float(losses.mode_seeking_loss(2 * different, z)) == pytest.approx(float(losses.mode_seeking_loss(different, z)) / 2, rel=1e-3)
+    with pytest.raises(ValueError, match="even"):
+        losses.mode_seeking_loss(different[:3], z[:3])
+
+
 def test_rotate_matches_rot90_per_sample():
     x = torch.randn(4, 2, 5, 5)
     k = torch.tensor([0, 1, 2, 3])
@@ -212,6 +224,10 @@ def test_config_rejects_bad_values_and_unknown_keys():
         TrainConfig(resolution=48)
     with pytest.raises(UserError, match="clock must be one of"):
         TrainConfig(clock="sundial")
+    with pytest.raises(UserError, match="encoder_interval"):
+        TrainConfig(encoder_interval=0)
+    with pytest.raises(UserError, match="mode_seeking_weight"):
+        TrainConfig(mode_seeking_weight=-1)
     with pytest.raises(UserError, match="unknown config keys: colour"):
         TrainConfig.from_dict({"colour": 1})
     cfg = TrainConfig.from_dict({"diffaug": ["color"], "betas": [0.0, 0.9]})

@@ -25,8 +25,22 @@ def test_latents_depend_only_on_seed_and_index():
     assert not torch.equal(a[0], a[1])                                # and the index
     big = sample.latents(0, range(2000), 64)                          # a standard normal prior
     assert abs(big.mean().item()) < 0.02 and abs(big.std().item() - 1) < 0.02
+    assert abs((big.abs() > 1.96).float().mean().item() - 0.05) < 0.005   # with normal tails
+    corr = torch.corrcoef(big.T)                                      # independent coordinates
+    assert (corr - torch.eye(64)).abs().max() < 0.1
+    assert abs(torch.corrcoef(torch.stack([big[:-1, 0], big[1:, 0]]))[0, 1]) < 0.1  # and indices
+    assert sample.latents(0, [7], 5).shape == (1, 5) and sample.latents(0, [], 5).shape == (0, 5)
     with pytest.raises(UserError):
         sample.latents(0, [-1], 4)
+
+
+def test_latent_values_are_pinned_to_the_recorded_scheme():
+    # synth records sample.LATENT_SCHEME so a folder never mixes two schemes: if this value changes, so must it.
+    assert sample.LATENT_SCHEME.startswith("splitmix64")
+    got = sample.latents(0, [0, 12345], 4)
+    want = torch.tensor([[-0.5809909701347351, -1.0737438201904297, -1.2293076515197754, -0.1640164852142334],
+                         [-0.4929741322994232, -0.19378569722175598, -0.6541761755943298, 1.295922040939331]])
+    assert torch.allclose(got, want, atol=1e-6)
 
 
 def test_generate_bytes_do_not_depend_on_batching(ckpt):

@@ -23,7 +23,7 @@ from augment_gan.checkpoint import load_checkpoint
 from augment_gan.cli import app
 from augment_gan.config import TrainConfig
 from augment_gan.errors import UserError
-from augment_gan.synth import GROUP_SIZE, SynthConfig, make_plan, select, synth
+from augment_gan.synth import GROUP_SIZE, SynthConfig, default_lanes, make_plan, select, synth
 
 pytest_plugins = ["fixtures_run"]  # tiny_run, uncond_run, digits100 (session-scoped, shared with test_sample)
 
@@ -121,9 +121,10 @@ def test_png_writer_round_trips_real_images(shared_data):
 # Determinism, layout, manifest.
 
 def test_same_bytes_twice_and_layout(ckpt, tmp_path):
-    a = synth(ckpt, tmp_path / "a", config())
-    b = synth(ckpt, tmp_path / "b", config(batch_size=7, workers=3))
+    a = synth(ckpt, tmp_path / "a", config(lanes=1, threads=1))
+    b = synth(ckpt, tmp_path / "b", config(batch_size=7, workers=3, lanes=3))  # 3 generator threads at once
     assert a.written == b.written == a.images == 60 and a.manifest
+    assert (a.lanes, b.lanes, b.threads) == (1, 3, 1)
     assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")
     rows = manifest(tmp_path / "a")
     assert [r["index"] for r in rows] == list(range(60))
@@ -145,6 +146,17 @@ def test_same_bytes_twice_and_layout(ckpt, tmp_path):
     assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")
     other = synth(ckpt, tmp_path / "c", config(seed=1))
     assert images(tmp_path / "c") != images(tmp_path / "a") and other.images == 60
+
+
+def test_default_lanes(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert default_lanes("cpu") == (8, 1)              # one single-threaded G per core
+    assert default_lanes("cpu", threads=2) == (4, 2)
+    assert default_lanes("cpu", lanes=2) == (2, 4)
+    assert default_lanes("cpu", lanes=3, threads=3) == (3, 3)
+    assert default_lanes("cuda") == (1, torch.get_num_threads())
+    with pytest.raises(UserError, match="--lanes"):
+        config(lanes=0)
 
 
 def test_other_formats_and_truncation(ckpt, tmp_path):
