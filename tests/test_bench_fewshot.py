@@ -3,7 +3,6 @@ balanced synthetic images, the paired classifier arms and the table. Accuracies 
 accuracies (quality needs minutes of training; the benchmark itself is for measuring)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,17 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchscripts import BENCHMARKS, load_benchmark
 from fakesynth import copy_classes
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_fewshot", BENCHMARKS / "bench_fewshot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_fewshot")
 
 
 def test_draw_shots_takes_k_per_class_and_tests_on_the_rest(bench):

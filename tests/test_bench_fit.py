@@ -3,7 +3,6 @@ and the DCGAN reference's shapes. Scores are not asserted beyond sanity (timing 
 machine); the benchmark itself is for measuring."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -15,21 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
+from benchscripts import BENCHMARKS, load_benchmark
 from fakesynth import copy_classes
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return _load("bench_fit")
+    return load_benchmark("bench_fit")
 
 
 @pytest.fixture()
@@ -95,7 +86,7 @@ def test_model_selection(bench):
 
 
 def test_dcgan_reference_shapes_and_sampling():
-    ref = _load("dcgan_reference")
+    ref = load_benchmark("dcgan_reference")
     G, D = ref.Generator(3), ref.Discriminator(3)
     z = torch.randn(5, ref.NZ, 1, 1)
     x = G(z)

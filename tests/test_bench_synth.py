@@ -2,26 +2,16 @@
 reference with lanes. Rates are not asserted (they vary by machine); the benchmark itself is for measuring."""
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import torch
 
 from augment_gan.checkpoint import load_checkpoint
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchscripts import load_benchmark
 
 
 def test_bench_synth_prints_every_table(tmp_path, capsys, shared_data):
-    bench = _load("bench_synth")
+    bench = load_benchmark("bench_synth")
     bench.main(["--n", "64", "--batch-size", "32", "--repeats", "1", "--resolutions", "32",
                 "--out-dir", str(tmp_path), "--variants", "synth, defaults", "synth, 1 lane x 2 threads, 1 encoder thread"])
     out = capsys.readouterr().out
@@ -35,7 +25,7 @@ def test_bench_synth_prints_every_table(tmp_path, capsys, shared_data):
 
 
 def test_forward_rate_counts_every_lane(tmp_path):
-    bench = _load("bench_synth")
+    bench = load_benchmark("bench_synth")
     ckpt = load_checkpoint(bench.random_run(tmp_path / "run", 32, 1, 10))
     saved = torch.get_num_threads()
     rate, cpu_ms = bench.forward_rate(ckpt, 64, 16, threads=1, lanes=2)
