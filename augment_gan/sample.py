@@ -48,12 +48,12 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 def latents(seed: int, indices: Sequence[int] | torch.Tensor, z_dim: int) -> torch.Tensor:
     """float32 N×z_dim standard-normal latents; row k depends only on (seed, indices[k]).
 
-    Counter-based, so a whole batch is a few vectorised numpy operations (about 1 µs per index, vs 10 µs
-    for a seeded torch.Generator per index, which cost 5% of `synth`'s throughput at 32px): each index gets
-    a 64-bit key mixed from `derive_seed(seed)` and the index, the key's SplitMix64 stream gives uniform
-    pairs, and Box-Muller turns them into normals. The same on every device and for every batching of the
-    indices; computed in float64 and rounded to float32, so another CPU's libm could change a value only
-    when it lands within one float64 ulp of a float32 rounding boundary.
+    Counter-based, so a whole batch is a few vectorised numpy operations (about 4 µs of CPU per index at
+    z_dim 128 in batches of 256, vs 11 µs for a seeded torch.Generator per index; benchmarks/bench_synth.py
+    prints it): each index gets a 64-bit key mixed from `derive_seed(seed)` and the index, the key's
+    SplitMix64 stream gives uniform pairs, and Box-Muller turns them into normals. The same on every device
+    and for every batching of the indices; computed in float64 and rounded to float32, so another CPU's
+    libm could change a value only when it lands within one float64 ulp of a float32 rounding boundary.
     """
     idx = np.asarray(indices.tolist() if isinstance(indices, torch.Tensor) else list(indices), dtype=np.int64)
     if idx.size and int(idx.min()) < 0:
