@@ -513,12 +513,13 @@ def _write_chunk(images: Any, paths: list[str], fmt: str, quality: int | None) -
     if not isinstance(images, np.ndarray):
         images = _hwc_uint8(images)
     files = png_files(images) if fmt == "png" else [encode_image(a, fmt, quality) for a in images]
+    if not _DIR_FDS:
+        for data, path in zip(files, paths):
+            write_atomic(path, data)
+        return len(paths)
     folders: dict[str, int] = {}  # folder -> open descriptor, for name-relative opens and renames
     try:
         for data, path in zip(files, paths):
-            if not _DIR_FDS:
-                write_atomic(path, data)
-                continue
             folder, name = os.path.split(path)
             if folder not in folders:
                 folders[folder] = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY)
@@ -1046,7 +1047,7 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
     torch.set_num_threads(threads)
     prefetch = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="synth-latents")
     generator = cf.ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="synth-g")
-    running: deque = deque()  # generator futures, oldest first
+    running: deque = deque()  # (labels, generator future) per batch, oldest first
     try:
         stream = [(unit, latent) for unit, cands in jobs for latent in cands]
         starts = range(0, len(stream), batch_size)
@@ -1069,11 +1070,12 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
                 z = next_z.result()
                 if s_start + batch_size < len(stream):
                     next_z = prefetch.submit(batch_latents, s_start + batch_size)
-                running.append(generator.submit(sample.decode_float, ckpt, z, batch_labels(s_start), device=device))
+                labels = batch_labels(s_start)
+                running.append((labels, generator.submit(sample.decode_float, ckpt, z, labels, device=device)))
                 submitted += 1
             batch = stream[start:start + batch_size]
-            labels = batch_labels(start)
-            images = running.popleft().result()
+            labels, future = running.popleft()
+            images = future.result()
             if not filtered:
                 # On a CPU the uint8 conversion happens on the encoder threads, off G's critical path.
                 images = images if device.type == "cpu" else to_uint8(images).cpu()
@@ -1120,7 +1122,7 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary
         writer.drain()
         ok = True
     finally:
-        for future in running:
+        for _, future in running:
             future.cancel()
         generator.shutdown(wait=True)
         torch.set_num_threads(saved_threads)
