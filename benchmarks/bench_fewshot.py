@@ -10,6 +10,11 @@ seed â€” and test both on the held-out images. The gain is paired per seed (b âˆ
     python benchmarks/bench_fewshot.py                               # K = 10, 3 seeds, 4 CPU-min per fit
     python benchmarks/bench_fewshot.py --shots 10,20,50 --ratios 0.25,0.5,0.75
     python benchmarks/bench_fewshot.py --shots 10 --seeds 1 --fit-kimg 0.2 --steps 20 --synthetic 100  # smoke
+    python benchmarks/bench_fewshot.py --fit-minutes 24 --out RESULTS --resume  # extend RESULTS' fits to 24 min
+
+With --resume, --out is an earlier run's folder: every fit found there continues from its last checkpoint
+(`fit --resume`: step, optimizer, RNG, EMA and the budget clock) up to the new budget, and the classifier
+arms are measured again; the other settings should be the earlier run's.
 
 Prints one markdown table to stdout (progress to stderr); writes results.json (rewritten after every seed),
 the runs and a synthetic grid per run under --out.
@@ -71,6 +76,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", help="device for fit, sampling and the classifier (default cpu)")
     ap.add_argument("--seed", type=int, default=0, help="first seed (seeds are seed, seed+1, ...)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/fewshot-<time>)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the fits already in --out up to the new budget instead of starting new ones")
     return ap.parse_args(argv)
 
 
@@ -183,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         base = TrainConfig.from_dict({"resolution": RESOLUTION, "conditional": True, **overrides, **budget})
         load_recipe(args.recipe)  # fail now on a bad recipe name, not after the first GAN
         out = args.out or Path(__file__).resolve().parent / "results" / f"fewshot-{_dt.datetime.now():%Y%m%d-%H%M%S}"
-        if out.exists() and any(out.iterdir()):
-            raise UserError(f"{out} is not empty; choose another --out")
+        if args.resume and not (out / "results.json").is_file():
+            raise UserError(f"--resume needs an earlier run's --out folder; {out} has no results.json")
+        if not args.resume and out.exists() and any(out.iterdir()):
+            raise UserError(f"{out} is not empty; choose another --out (or --resume to extend its fits)")
         out.mkdir(parents=True, exist_ok=True)
         return _run(args, shots, ratios, base, out)
     except UserError as exc:
@@ -214,9 +223,11 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
             folder = out / tag / "train"
             write_subset(data.root, [data.files[i] for i in train_idx], folder)
 
-            log(f"{tag}: fit on {len(train_idx)} images")
+            log(f"{tag}: {'resume the fit' if args.resume else 'fit'} on {len(train_idx)} images")
             t0 = time.monotonic()
-            ckpt_path = fit(folder, base.replace(seed=seed), out / tag / "run", device=args.device,
+            run_dir = out / tag / "run"
+            resume = args.resume and (run_dir / "checkpoints").is_dir()
+            ckpt_path = fit(folder, base.replace(seed=seed), run_dir, device=args.device, resume=resume,
                             cache_dir=cache_dir, progress=False)
             fit_s = time.monotonic() - t0
             synth, synth_labels = synthesize(ckpt_path, args.synthetic, SAMPLE_SEED + seed, data.classes, args.device)
@@ -237,7 +248,8 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
             meta = json.loads(ckpt_path.with_suffix(".json").read_text()) if ckpt_path.with_suffix(".json").is_file() else {}
             results["shots"][str(k)]["runs"].append({
                 "seed": seed, "train_images": len(train_idx), "test_images": len(test_idx),
-                "fit_seconds": round(fit_s, 1), "fit_kimg": meta.get("kimg"), "checkpoint": str(ckpt_path),
+                "fit_seconds": round(fit_s, 1), "fit_kimg": meta.get("kimg"), "resumed": resume,
+                "fit_budget_s": meta.get("elapsed_s"), "checkpoint": str(ckpt_path),
                 "real_only": real_only, "mixed": mixed})
             write_bytes_atomic(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
 

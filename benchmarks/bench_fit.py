@@ -73,6 +73,9 @@ VARIANTS: dict[str, dict] = {
     "fixed-p": {"fixed_p": FIXED_P},
     "lr2e-4": {"g_lr": 2e-4, "d_lr": 2e-4},
     "batch-64": {"batch_size": 64},
+    "lr6e-4": {"g_lr": 6e-4, "d_lr": 6e-4},
+    "d-narrow": {"d_channels": 32},
+    "g-narrow": {"g_channels": 128},
 }
 """augment-gan variants: TrainConfig overrides on top of `TrainConfig(resolution=32, conditional=False)`."""
 MODELS = ("dcgan", *VARIANTS)

@@ -43,7 +43,15 @@ def test_short_run_writes_results_and_table(tmp_path: Path, shared_data: Path):
     assert run["train_images"] == 9 and run["test_images"] == 27
     assert 0 <= run["real_only"] <= 1 and set(run["mixed"]) == {"0.25", "0.5"}
     assert all(0 <= acc <= 1 for acc in run["mixed"].values())
-    assert (out / "k3-seed0" / "synthetic.png").is_file()
+    assert (out / "k3-seed0" / "synthetic.png").is_file() and run["resumed"] is False
+
+    # --resume continues that fit to a larger budget instead of starting over.
+    cmd[cmd.index("0.064")] = "0.128"
+    proc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (again,) = json.loads((out / "results.json").read_text())["shots"]["3"]["runs"]
+    assert again["resumed"] is True and again["fit_kimg"] > run["fit_kimg"] >= 0.064
+    assert "resume the fit" in proc.stderr
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path: Path):
