@@ -74,7 +74,7 @@ VARIANTS: dict[str, dict] = {
     "lr2e-4": {"g_lr": 2e-4, "d_lr": 2e-4},
     "batch-64": {"batch_size": 64},
     "lr6e-4": {"g_lr": 6e-4, "d_lr": 6e-4},
-    "d-narrow": {"d_channels": 32},
+    "d-wide": {"d_channels": 64},
     "g-narrow": {"g_channels": 128},
 }
 """augment-gan variants: TrainConfig overrides on top of `TrainConfig(resolution=32, conditional=False)`."""
