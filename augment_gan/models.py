@@ -155,7 +155,7 @@ class Discriminator(nn.Module):
     """
 
     def __init__(self, resolution: int, channels: int, num_classes: int = 0,
-                 base_channels: int = 64, max_channels: int = 256):
+                 base_channels: int = 32, max_channels: int = 256):
         super().__init__()
         self.resolution, self.channels, self.num_classes = resolution, channels, num_classes
         n_down = int(math.log2(resolution)) - 2  # R×R -> 4×4
