@@ -11,10 +11,17 @@ seed — and test both on the held-out images. The gain is paired per seed (b �
     python benchmarks/bench_fewshot.py --shots 10,20,50 --ratios 0.25,0.5,0.75
     python benchmarks/bench_fewshot.py --shots 10 --seeds 1 --fit-kimg 0.2 --steps 20 --synthetic 100  # smoke
     python benchmarks/bench_fewshot.py --fit-minutes 24 --out RESULTS --resume  # extend RESULTS' fits to 24 min
+    python benchmarks/bench_fewshot.py --fits-from RESULTS --keep-top 0.5       # other synthetic sets, same GANs
 
 With --resume, --out is an earlier run's folder: every fit found there continues from its last checkpoint
 (`fit --resume`: step, optimizer, RNG, EMA and the budget clock) up to the new budget, and the classifier
-arms are measured again; the other settings should be the earlier run's.
+arms are measured again; the other settings should be the earlier run's. With --fits-from, nothing is
+trained: the GANs of an earlier run's folder (read only) make the synthetic sets of a new --out, so
+synthesis settings (--truncation, --keep-top, --source vary, --synthetic) are compared on the same fits.
+
+The synthetic set is written by the product itself, `augment_gan.synth.synth` (or `augment_gan.vary.vary`
+with --source vary: variations of the K×10 training images, their class kept), into <run>/synthetic/
+(PNG, manifest), and read back with `load_folder` — exactly what a user's pipeline would consume.
 
 Prints one markdown table to stdout (progress to stderr); writes results.json (rewritten after every seed),
 the runs and a synthetic grid per run under --out.
@@ -37,16 +44,16 @@ from PIL import Image
 
 from augment_gan import __version__
 from augment_gan.atomic import write_bytes_atomic
-from augment_gan.checkpoint import load_checkpoint
+from augment_gan.checkpoint import load_checkpoint, resolve_checkpoint
 from augment_gan.classifier import accuracy, train_classifier
 from augment_gan.config import TrainConfig, load_config_file
 from augment_gan.data import ReadOptions, load_folder
 from augment_gan.errors import UserError
 from augment_gan.grid import tile
-from augment_gan.pixels import nchw_to_hwc
 from augment_gan.recipes import load_recipe
-from augment_gan.sample import balanced_labels, generate
+from augment_gan.synth import SynthConfig, synth
 from augment_gan.train import fit
+from augment_gan.vary import VaryConfig, vary
 
 RESOLUTION = 32
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data beside the repo
@@ -78,6 +85,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/fewshot-<time>)")
     ap.add_argument("--resume", action="store_true",
                     help="continue the fits already in --out up to the new budget instead of starting new ones")
+    ap.add_argument("--fits-from", type=Path, default=None,
+                    help="use the GANs of an earlier run's folder (read only) instead of training new ones")
+    ap.add_argument("--source", choices=("synth", "vary"), default="synth",
+                    help="synthetic set: `synth` samples (default) or `vary` variations of the training images")
+    ap.add_argument("--truncation", type=float, default=1.0, help="synth --truncation (default 1.0)")
+    ap.add_argument("--keep-top", type=float, default=None, help="synth --keep-top (default: no rejection)")
+    ap.add_argument("--sigma", type=float, default=0.5, help="vary --sigma (default 0.5)")
     return ap.parse_args(argv)
 
 
@@ -125,15 +139,29 @@ def write_subset(root: Path, files: list[str], out: Path) -> None:
         shutil.copy(root / rel, out / rel)
 
 
-def synthesize(run_path: Path, n: int, seed: int, classes: list[str], device: str) -> tuple[np.ndarray, np.ndarray]:
-    """n balanced synthetic images (uint8 N×H×W×C) and their labels, re-indexed into `classes` by name."""
-    ckpt = load_checkpoint(run_path, device=device)
+def synthesize(args: argparse.Namespace, ckpt_path: Path, train_folder: Path, out: Path, seed: int,
+               classes: list[str]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Write the synthetic set to `out` with `synth` (or `vary`), read it back; (uint8 N×H×W×C, labels, summary).
+
+    Labels are the class folders' names, re-indexed into `classes`.
+    """
+    ckpt = load_checkpoint(ckpt_path, device=args.device)
     if not ckpt.num_classes:
         raise UserError("the GAN is unconditional; the benchmark needs conditional=True")
-    images = torch.cat([generate(ckpt, range(s, min(s + 500, n)), seed=seed, device=device) for s in range(0, n, 500)])
-    remap = np.array([classes.index(name) for name in ckpt.classes])
-    labels = remap[balanced_labels(range(n), ckpt.num_classes).numpy()]
-    return nchw_to_hwc(images), labels
+    if args.source == "vary":
+        per_source = max(1, round(args.synthetic / sum(1 for _ in train_folder.rglob("*.png"))))
+        summary = vary(ckpt, train_folder, out, VaryConfig(n=per_source, sigma=args.sigma, seed=seed,
+                                                          device=args.device, progress=False, overwrite=True))
+    else:
+        summary = synth(ckpt, out, SynthConfig(n=args.synthetic, seed=seed, truncation=args.truncation,
+                                                keep_top=args.keep_top, device=args.device, progress=False,
+                                                lanes=1, threads=args.threads, workers=1, overwrite=True))
+    data = load_folder(out, ReadOptions(resolution=RESOLUTION, channels="gray"), use_cache=False, workers=1,
+                       progress=False)
+    if data.labels is None:
+        raise UserError(f"{out} has no class folders")
+    remap = np.array([classes.index(name) for name in data.classes])
+    return np.ascontiguousarray(data.images), remap[np.asarray(data.labels)], summary.to_dict()
 
 
 def save_png(images: np.ndarray, path: Path) -> None:
@@ -146,6 +174,13 @@ def save_png(images: np.ndarray, path: Path) -> None:
 def stats(values: list[float]) -> dict:
     a = np.asarray(values, dtype=np.float64)
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "runs": a.tolist()}
+
+
+def _source_text(results: dict) -> str:
+    if results.get("source") == "vary":
+        return f"vary, sigma {results['sigma']:g}"
+    keep = f", keep-top {results['keep_top']:g}" if results.get("keep_top") else ""
+    return f"synth, truncation {results.get('truncation', 1.0):g}{keep}"
 
 
 def markdown_table(results: dict) -> str:
@@ -171,7 +206,8 @@ def markdown_table(results: dict) -> str:
     notes = [f"Test accuracy (%) on the held-out MNIST images, mean ± std over {n_seeds} seed(s) "
              "(draw, GAN and classifier); gain in percentage points vs real only, paired per seed.",
              f"Small CNN, {results['steps']} steps of batch {results['batch_size']}, recipe {results['recipe']}; "
-             f"conditional fit at {RESOLUTION}px for {budget} per run, {results['synthetic']} synthetic images; "
+             f"conditional fit at {RESOLUTION}px for {budget} per run, {results['synthetic']} synthetic images "
+             f"({_source_text(results)}); "
              f"{results['threads']} thread(s) on {results['device']}.", "", f"`{results['command']}`"]
     return "\n".join(["\n".join(lines), "", *notes])
 
@@ -188,8 +224,16 @@ def main(argv: list[str] | None = None) -> int:
         budget = ({"kimg": args.fit_kimg, "minutes": None} if args.fit_kimg
                   else {"minutes": args.fit_minutes, "clock": args.fit_clock})
         base = TrainConfig.from_dict({"resolution": RESOLUTION, "conditional": True, **overrides, **budget})
+        if args.fits_from and not (args.fits_from / "results.json").is_file():
+            raise UserError(f"--fits-from needs an earlier run's folder; {args.fits_from} has no results.json")
+        if args.fits_from:  # the budget and config that matter are the earlier run's
+            earlier = json.loads((args.fits_from / "results.json").read_text())
+            base = TrainConfig.from_dict(earlier["fit_config"])
+            args.fit_minutes, args.fit_kimg = earlier["fit_minutes"], earlier["fit_kimg"]
         load_recipe(args.recipe)  # fail now on a bad recipe name, not after the first GAN
         out = args.out or Path(__file__).resolve().parent / "results" / f"fewshot-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+        if args.resume and args.fits_from:
+            raise UserError("--resume extends the fits in --out; --fits-from reuses another folder's as they are")
         if args.resume and not (out / "results.json").is_file():
             raise UserError(f"--resume needs an earlier run's --out folder; {out} has no results.json")
         if not args.resume and out.exists() and any(out.iterdir()):
@@ -214,6 +258,8 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
                "data": str(data.root), "ratios": ratios, "steps": args.steps, "batch_size": args.batch_size,
                "recipe": args.recipe, "synthetic": args.synthetic, "fit_minutes": args.fit_minutes,
                "fit_kimg": args.fit_kimg, "fit_config": base.to_dict(), "threads": args.threads,
+               "fits_from": str(args.fits_from) if args.fits_from else None, "source": args.source,
+               "truncation": args.truncation, "keep_top": args.keep_top, "sigma": args.sigma,
                "device": args.device, "shots": {str(k): {"runs": []} for k in shots}}
 
     for k in shots:
@@ -223,16 +269,26 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
             folder = out / tag / "train"
             write_subset(data.root, [data.files[i] for i in train_idx], folder)
 
-            log(f"{tag}: {'resume the fit' if args.resume else 'fit'} on {len(train_idx)} images")
             t0 = time.monotonic()
-            run_dir = out / tag / "run"
-            resume = args.resume and (run_dir / "checkpoints").is_dir()
-            ckpt_path = fit(folder, base.replace(seed=seed), run_dir, device=args.device, resume=resume,
-                            cache_dir=cache_dir, progress=False)
+            if args.fits_from:
+                run_dir = args.fits_from / tag / "run"
+                if not (run_dir / "checkpoints").is_dir():
+                    raise UserError(f"--fits-from: {run_dir} has no checkpoints (another --shots or --seed?)")
+                resume = False
+                ckpt_path = resolve_checkpoint(run_dir)
+                log(f"{tag}: GAN of {ckpt_path}")
+            else:
+                log(f"{tag}: {'resume the fit' if args.resume else 'fit'} on {len(train_idx)} images")
+                run_dir = out / tag / "run"
+                resume = args.resume and (run_dir / "checkpoints").is_dir()
+                ckpt_path = fit(folder, base.replace(seed=seed), run_dir, device=args.device, resume=resume,
+                                cache_dir=cache_dir, progress=False)
             fit_s = time.monotonic() - t0
-            synth, synth_labels = synthesize(ckpt_path, args.synthetic, SAMPLE_SEED + seed, data.classes, args.device)
-            order = np.argsort(synth_labels[:100], kind="stable")
-            save_png(synth[:100][order], out / tag / "synthetic.png")
+            synth, synth_labels, synth_summary = synthesize(args, ckpt_path, folder, out / tag / "synthetic",
+                                                            SAMPLE_SEED + seed, data.classes)
+            log(f"{tag}: {len(synth)} synthetic images ({args.source})")
+            rows = [np.flatnonzero(synth_labels == c)[:10] for c in range(len(data.classes))]
+            save_png(synth[np.concatenate(rows)], out / tag / "synthetic.png")  # up to 10 per class
 
             x_tr, y_tr, x_te, y_te = images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
             common = dict(steps=args.steps, batch_size=args.batch_size, seed=seed, num_classes=len(data.classes),
@@ -249,7 +305,8 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
             results["shots"][str(k)]["runs"].append({
                 "seed": seed, "train_images": len(train_idx), "test_images": len(test_idx),
                 "fit_seconds": round(fit_s, 1), "fit_kimg": meta.get("kimg"), "resumed": resume,
-                "fit_budget_s": meta.get("elapsed_s"), "checkpoint": str(ckpt_path),
+                "fit_budget_s": meta.get("elapsed_s"), "checkpoint": str(ckpt_path), "fit_step": meta.get("step"),
+                "synthetic_images": len(synth), "synthetic_summary": synth_summary,
                 "real_only": real_only, "mixed": mixed})
             write_bytes_atomic(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
 

@@ -53,8 +53,40 @@ def test_short_run_writes_results_and_table(tmp_path: Path, shared_data: Path):
     assert again["resumed"] is True and again["fit_kimg"] > run["fit_kimg"] >= 0.064
     assert "resume the fit" in proc.stderr
 
+    # --fits-from reuses those GANs read-only for other synthetic sets: D rejection, then vary.
+    checkpoints = sorted((out / "k3-seed0" / "run" / "checkpoints").iterdir())
+    base = cmd[:cmd.index("--out")] + ["--ratios", "0.5"]
+    top = tmp_path / "top"
+    proc = subprocess.run(base + ["--out", str(top), "--fits-from", str(out), "--keep-top", "0.5"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((top / "results.json").read_text())
+    (run,) = results["shots"]["3"]["runs"]
+    assert results["keep_top"] == 0.5 and results["fits_from"] == str(out) and "keep-top 0.5" in proc.stdout
+    weights = [c for c in checkpoints if c.suffix == ".safetensors" and not c.name.endswith(".state.safetensors")]
+    assert run["checkpoint"] == str(weights[-1])  # the run's latest checkpoint
+    assert run["synthetic_images"] == 30 and run["synthetic_summary"]["dropped_keep_top"] == 30
+    assert len(list((top / "k3-seed0" / "synthetic").rglob("*.png"))) == 30
+    assert not (top / "k3-seed0" / "run").exists()
+    assert sorted((out / "k3-seed0" / "run" / "checkpoints").iterdir()) == checkpoints  # nothing trained
+
+    varied = tmp_path / "vary"
+    proc = subprocess.run(base + ["--out", str(varied), "--fits-from", str(out), "--source", "vary",
+                                  "--synthetic", "18"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads((varied / "results.json").read_text())["shots"]["3"]["runs"]
+    assert run["synthetic_images"] == 18  # 2 variations of each of the 9 training images, in their class
+    train = sorted(p.relative_to(varied / "k3-seed0" / "train").with_suffix("")
+                   for p in (varied / "k3-seed0" / "train").rglob("*.png"))
+    made = sorted((varied / "k3-seed0" / "synthetic").rglob("*.png"))
+    assert [m.relative_to(varied / "k3-seed0" / "synthetic").as_posix() for m in made] == sorted(
+        f"{t.as_posix()}_{k}.png" for t in train for k in range(2))
+
 
 def test_bad_arguments_are_one_line_errors(tmp_path: Path):
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_fewshot.py"), "--fits-from", str(tmp_path),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.startswith("Error: --fits-from needs an earlier run")
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_fewshot.py"), "--ratios", "1.5",
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stderr.startswith("Error: --ratios") and "Traceback" not in proc.stderr
