@@ -58,6 +58,7 @@ from augment_gan.vary import VaryConfig, vary
 RESOLUTION = 32
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data beside the repo
 SAMPLE_SEED = 1234  # latent seed of the synthetic sets (offset by the run's seed)
+CLASSIFIER_SEED_STRIDE = 1000  # classifier seeds of a draw: seed, seed + 1000, ... (the first is the draw's seed)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -76,6 +77,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--synthetic", type=int, default=2000, help="synthetic images per run, balanced (default 2000)")
     ap.add_argument("--steps", type=int, default=1000,
                     help="classifier optimizer steps, the same for every arm (default 1000)")
+    ap.add_argument("--classifier-seeds", type=int, default=1,
+                    help="classifiers trained per arm and draw, accuracy averaged (default 1; the test set is "
+                         "the same, so this only averages out training noise)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--recipe", default="standard", help="augmentation recipe for every arm (default standard)")
     ap.add_argument("--data", type=Path, default=SHARED_DATA / "mnist", help="labeled folder (default ../shared/data/mnist)")
@@ -203,8 +207,10 @@ def markdown_table(results: dict) -> str:
     budget = (f"{results['fit_kimg']:g} kimg" if results["fit_kimg"]
               else f"{results['fit_minutes']:g} {results['fit_config'].get('clock', 'wall')} min")
     n_seeds = max((len(row["runs"]) for row in results["shots"].values()), default=0)
+    per_draw = results.get("classifier_seeds", 1)
+    averaged = f", each the mean of {per_draw} classifiers" if per_draw > 1 else ""
     notes = [f"Test accuracy (%) on the held-out MNIST images, mean ± std over {n_seeds} seed(s) "
-             "(draw, GAN and classifier); gain in percentage points vs real only, paired per seed.",
+             f"(draw, GAN and classifier{averaged}); gain in percentage points vs real only, paired per seed.",
              f"Small CNN, {results['steps']} steps of batch {results['batch_size']}, recipe {results['recipe']}; "
              f"conditional fit at {RESOLUTION}px for {budget} per run, {results['synthetic']} synthetic images "
              f"({_source_text(results)}); "
@@ -218,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     args.command = "python benchmarks/bench_fewshot.py " + " ".join(argv)
     try:
         shots, ratios = _ints(args.shots, "shots"), _floats(args.ratios, "ratios")
-        if args.seeds < 1 or args.steps < 1 or args.synthetic < 10 or args.threads < 1:
-            raise UserError("--seeds, --steps and --threads must be >= 1, --synthetic >= 10")
+        if min(args.seeds, args.classifier_seeds, args.steps, args.threads) < 1 or args.synthetic < 10:
+            raise UserError("--seeds, --classifier-seeds, --steps and --threads must be >= 1, --synthetic >= 10")
         overrides = load_config_file(args.fit_config) if args.fit_config else {}
         budget = ({"kimg": args.fit_kimg, "minutes": None} if args.fit_kimg
                   else {"minutes": args.fit_minutes, "clock": args.fit_clock})
@@ -260,7 +266,7 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
                "fit_kimg": args.fit_kimg, "fit_config": base.to_dict(), "threads": args.threads,
                "fits_from": str(args.fits_from) if args.fits_from else None, "source": args.source,
                "truncation": args.truncation, "keep_top": args.keep_top, "sigma": args.sigma,
-               "device": args.device, "shots": {str(k): {"runs": []} for k in shots}}
+               "device": args.device, "classifier_seeds": args.classifier_seeds, "shots": {str(k): {"runs": []} for k in shots}}
 
     for k in shots:
         for seed in range(args.seed, args.seed + args.seeds):
@@ -291,23 +297,28 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
             save_png(synth[np.concatenate(rows)], out / tag / "synthetic.png")  # up to 10 per class
 
             x_tr, y_tr, x_te, y_te = images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
-            common = dict(steps=args.steps, batch_size=args.batch_size, seed=seed, num_classes=len(data.classes),
+            common = dict(steps=args.steps, batch_size=args.batch_size, num_classes=len(data.classes),
                           device=args.device, recipe=load_recipe(args.recipe, part="real"))
-            real_only = accuracy(train_classifier(x_tr, y_tr, **common), x_te, y_te)
-            log(f"{tag}: real only {real_only:.1%}")
-            mixed = {}
+            cls_seeds = [seed + CLASSIFIER_SEED_STRIDE * j for j in range(args.classifier_seeds)]
+            real_runs = [accuracy(train_classifier(x_tr, y_tr, seed=cs, **common), x_te, y_te) for cs in cls_seeds]
+            real_only = float(np.mean(real_runs))
+            log(f"{tag}: real only {real_only:.2%} ({', '.join(f'{a:.1%}' for a in real_runs)})")
+            mixed, mixed_runs = {}, {}
             for r in ratios:
-                model = train_classifier(x_tr, y_tr, extra=(synth, synth_labels), synthetic_ratio=r,
-                                         extra_recipe=load_recipe(args.recipe, part="synthetic"), **common)
-                mixed[str(r)] = accuracy(model, x_te, y_te)
-                log(f"{tag}: ratio {r:g}: {mixed[str(r)]:.1%} ({100 * (mixed[str(r)] - real_only):+.1f} pp)")
+                mixed_runs[str(r)] = [accuracy(train_classifier(
+                    x_tr, y_tr, extra=(synth, synth_labels), synthetic_ratio=r, seed=cs,
+                    extra_recipe=load_recipe(args.recipe, part="synthetic"), **common), x_te, y_te) for cs in cls_seeds]
+                mixed[str(r)] = float(np.mean(mixed_runs[str(r)]))
+                log(f"{tag}: ratio {r:g}: {mixed[str(r)]:.2%} ({100 * (mixed[str(r)] - real_only):+.2f} pp; "
+                    f"{', '.join(f'{a:.1%}' for a in mixed_runs[str(r)])})")
             meta = json.loads(ckpt_path.with_suffix(".json").read_text()) if ckpt_path.with_suffix(".json").is_file() else {}
             results["shots"][str(k)]["runs"].append({
                 "seed": seed, "train_images": len(train_idx), "test_images": len(test_idx),
                 "fit_seconds": round(fit_s, 1), "fit_kimg": meta.get("kimg"), "resumed": resume,
                 "fit_budget_s": meta.get("elapsed_s"), "checkpoint": str(ckpt_path), "fit_step": meta.get("step"),
                 "synthetic_images": len(synth), "synthetic_summary": synth_summary,
-                "real_only": real_only, "mixed": mixed})
+                "classifier_seeds": cls_seeds, "real_only": real_only, "mixed": mixed,
+                "real_only_runs": real_runs, "mixed_runs": mixed_runs})
             write_bytes_atomic(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
 
     table = markdown_table(results)

@@ -72,9 +72,13 @@ def test_short_run_writes_results_and_table(tmp_path: Path, shared_data: Path):
 
     varied = tmp_path / "vary"
     proc = subprocess.run(base + ["--out", str(varied), "--fits-from", str(out), "--source", "vary",
-                                  "--synthetic", "18"], capture_output=True, text=True, timeout=300)
+                                  "--synthetic", "18", "--classifier-seeds", "2"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = json.loads((varied / "results.json").read_text())["shots"]["3"]["runs"]
+    assert run["classifier_seeds"] == [0, 1000] and len(run["real_only_runs"]) == len(run["mixed_runs"]["0.5"]) == 2
+    assert run["real_only"] == pytest.approx(np.mean(run["real_only_runs"]))
+    assert "each the mean of 2 classifiers" in proc.stdout
     assert run["synthetic_images"] == 18  # 2 variations of each of the 9 training images, in their class
     train = sorted(p.relative_to(varied / "k3-seed0" / "train").with_suffix("")
                    for p in (varied / "k3-seed0" / "train").rglob("*.png"))
