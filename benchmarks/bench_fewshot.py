@@ -144,10 +144,10 @@ def write_subset(root: Path, files: list[str], out: Path) -> None:
 
 
 def synthesize(args: argparse.Namespace, ckpt_path: Path, train_folder: Path, out: Path, seed: int,
-               classes: list[str]) -> tuple[np.ndarray, np.ndarray, dict]:
+               classes: list[str], channels: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """Write the synthetic set to `out` with `synth` (or `vary`), read it back; (uint8 N×H×W×C, labels, summary).
 
-    Labels are the class folders' names, re-indexed into `classes`.
+    Labels are the class folders' names, re-indexed into `classes`; `channels` is the real images' (1 or 3).
     """
     ckpt = load_checkpoint(ckpt_path, device=args.device)
     if not ckpt.num_classes:
@@ -160,7 +160,7 @@ def synthesize(args: argparse.Namespace, ckpt_path: Path, train_folder: Path, ou
         summary = synth(ckpt, out, SynthConfig(n=args.synthetic, seed=seed, truncation=args.truncation,
                                                 keep_top=args.keep_top, device=args.device, progress=False,
                                                 lanes=1, threads=args.threads, workers=1, overwrite=True))
-    data = load_folder(out, ReadOptions(resolution=RESOLUTION, channels="gray"), use_cache=False, workers=1,
+    data = load_folder(out, ReadOptions(resolution=RESOLUTION, channels="gray" if channels == 1 else "rgb"), use_cache=False, workers=1,
                        progress=False)
     if data.labels is None:
         raise UserError(f"{out} has no class folders")
@@ -290,11 +290,11 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
                 ckpt_path = fit(folder, base.replace(seed=seed), run_dir, device=args.device, resume=resume,
                                 cache_dir=cache_dir, progress=False)
             fit_s = time.monotonic() - t0
-            synth, synth_labels, synth_summary = synthesize(args, ckpt_path, folder, out / tag / "synthetic",
-                                                            SAMPLE_SEED + seed, data.classes)
-            log(f"{tag}: {len(synth)} synthetic images ({args.source})")
+            synth_images, synth_labels, synth_summary = synthesize(
+                args, ckpt_path, folder, out / tag / "synthetic", SAMPLE_SEED + seed, data.classes, data.channels)
+            log(f"{tag}: {len(synth_images)} synthetic images ({args.source})")
             rows = [np.flatnonzero(synth_labels == c)[:10] for c in range(len(data.classes))]
-            save_png(synth[np.concatenate(rows)], out / tag / "synthetic.png")  # up to 10 per class
+            save_png(synth_images[np.concatenate(rows)], out / tag / "synthetic.png")  # up to 10 per class
 
             x_tr, y_tr, x_te, y_te = images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
             common = dict(steps=args.steps, batch_size=args.batch_size, num_classes=len(data.classes),
@@ -306,7 +306,7 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
             mixed, mixed_runs = {}, {}
             for r in ratios:
                 mixed_runs[str(r)] = [accuracy(train_classifier(
-                    x_tr, y_tr, extra=(synth, synth_labels), synthetic_ratio=r, seed=cs,
+                    x_tr, y_tr, extra=(synth_images, synth_labels), synthetic_ratio=r, seed=cs,
                     extra_recipe=load_recipe(args.recipe, part="synthetic"), **common), x_te, y_te) for cs in cls_seeds]
                 mixed[str(r)] = float(np.mean(mixed_runs[str(r)]))
                 log(f"{tag}: ratio {r:g}: {mixed[str(r)]:.2%} ({100 * (mixed[str(r)] - real_only):+.2f} pp; "
@@ -316,7 +316,7 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
                 "seed": seed, "train_images": len(train_idx), "test_images": len(test_idx),
                 "fit_seconds": round(fit_s, 1), "fit_kimg": meta.get("kimg"), "resumed": resume,
                 "fit_budget_s": meta.get("elapsed_s"), "checkpoint": str(ckpt_path), "fit_step": meta.get("step"),
-                "synthetic_images": len(synth), "synthetic_summary": synth_summary,
+                "synthetic_images": len(synth_images), "synthetic_summary": synth_summary,
                 "classifier_seeds": cls_seeds, "real_only": real_only, "mixed": mixed,
                 "real_only_runs": real_runs, "mixed_runs": mixed_runs})
             write_bytes_atomic(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
