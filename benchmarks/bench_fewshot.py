@@ -143,9 +143,10 @@ def write_subset(root: Path, files: list[str], out: Path) -> None:
         shutil.copy(root / rel, out / rel)
 
 
-def synthesize(args: argparse.Namespace, ckpt_path: Path, train_folder: Path, out: Path, seed: int,
+def synthesize(args: argparse.Namespace, ckpt_path: Path, train_folder: Path, n_train: int, out: Path, seed: int,
                classes: list[str], channels: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Write the synthetic set to `out` with `synth` (or `vary`), read it back; (uint8 N×H×W×C, labels, summary).
+    """Write the synthetic set to `out` with `synth` (or `vary` of the `n_train` images in `train_folder`), read it
+    back; (uint8 N×H×W×C, labels, summary).
 
     Labels are the class folders' names, re-indexed into `classes`; `channels` is the real images' (1 or 3).
     """
@@ -153,15 +154,15 @@ def synthesize(args: argparse.Namespace, ckpt_path: Path, train_folder: Path, ou
     if not ckpt.num_classes:
         raise UserError("the GAN is unconditional; the benchmark needs conditional=True")
     if args.source == "vary":
-        per_source = max(1, round(args.synthetic / sum(1 for _ in train_folder.rglob("*.png"))))
+        per_source = max(1, round(args.synthetic / n_train))
         summary = vary(ckpt, train_folder, out, VaryConfig(n=per_source, sigma=args.sigma, seed=seed,
                                                           device=args.device, progress=False, overwrite=True))
     else:
         summary = synth(ckpt, out, SynthConfig(n=args.synthetic, seed=seed, truncation=args.truncation,
                                                 keep_top=args.keep_top, device=args.device, progress=False,
                                                 lanes=1, threads=args.threads, workers=1, overwrite=True))
-    data = load_folder(out, ReadOptions(resolution=RESOLUTION, channels="gray" if channels == 1 else "rgb"), use_cache=False, workers=1,
-                       progress=False)
+    options = ReadOptions(resolution=RESOLUTION, channels="gray" if channels == 1 else "rgb")
+    data = load_folder(out, options, use_cache=False, workers=1, progress=False)
     if data.labels is None:
         raise UserError(f"{out} has no class folders")
     remap = np.array([classes.index(name) for name in data.classes])
@@ -277,11 +278,8 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
 
             t0 = time.monotonic()
             if args.fits_from:
-                run_dir = args.fits_from / tag / "run"
-                if not (run_dir / "checkpoints").is_dir():
-                    raise UserError(f"--fits-from: {run_dir} has no checkpoints (another --shots or --seed?)")
                 resume = False
-                ckpt_path = resolve_checkpoint(run_dir)
+                ckpt_path = resolve_checkpoint(args.fits_from / tag / "run")  # UserError names a missing run
                 log(f"{tag}: GAN of {ckpt_path}")
             else:
                 log(f"{tag}: {'resume the fit' if args.resume else 'fit'} on {len(train_idx)} images")
@@ -291,7 +289,8 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
                                 cache_dir=cache_dir, progress=False)
             fit_s = time.monotonic() - t0
             synth_images, synth_labels, synth_summary = synthesize(
-                args, ckpt_path, folder, out / tag / "synthetic", SAMPLE_SEED + seed, data.classes, data.channels)
+                args, ckpt_path, folder, len(train_idx), out / tag / "synthetic", SAMPLE_SEED + seed, data.classes,
+                data.channels)
             log(f"{tag}: {len(synth_images)} synthetic images ({args.source})")
             rows = [np.flatnonzero(synth_labels == c)[:10] for c in range(len(data.classes))]
             save_png(synth_images[np.concatenate(rows)], out / tag / "synthetic.png")  # up to 10 per class
@@ -299,6 +298,7 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
             x_tr, y_tr, x_te, y_te = images[train_idx], labels[train_idx], images[test_idx], labels[test_idx]
             common = dict(steps=args.steps, batch_size=args.batch_size, num_classes=len(data.classes),
                           device=args.device, recipe=load_recipe(args.recipe, part="real"))
+            synthetic_recipe = load_recipe(args.recipe, part="synthetic")  # reseeded by every train_classifier
             cls_seeds = [seed + CLASSIFIER_SEED_STRIDE * j for j in range(args.classifier_seeds)]
             real_runs = [accuracy(train_classifier(x_tr, y_tr, seed=cs, **common), x_te, y_te) for cs in cls_seeds]
             real_only = float(np.mean(real_runs))
@@ -307,7 +307,7 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
             for r in ratios:
                 mixed_runs[str(r)] = [accuracy(train_classifier(
                     x_tr, y_tr, extra=(synth_images, synth_labels), synthetic_ratio=r, seed=cs,
-                    extra_recipe=load_recipe(args.recipe, part="synthetic"), **common), x_te, y_te) for cs in cls_seeds]
+                    extra_recipe=synthetic_recipe, **common), x_te, y_te) for cs in cls_seeds]
                 mixed[str(r)] = float(np.mean(mixed_runs[str(r)]))
                 log(f"{tag}: ratio {r:g}: {mixed[str(r)]:.2%} ({100 * (mixed[str(r)] - real_only):+.2f} pp; "
                     f"{', '.join(f'{a:.1%}' for a in mixed_runs[str(r)])})")
