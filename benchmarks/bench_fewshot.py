@@ -12,16 +12,26 @@ seed — and test both on the held-out images. The gain is paired per seed (b �
     python benchmarks/bench_fewshot.py --shots 10 --seeds 1 --fit-kimg 0.2 --steps 20 --synthetic 100  # smoke
     python benchmarks/bench_fewshot.py --fit-minutes 24 --out RESULTS --resume  # extend RESULTS' fits to 24 min
     python benchmarks/bench_fewshot.py --fits-from RESULTS --keep-top 0.5       # other synthetic sets, same GANs
+    python benchmarks/bench_fewshot.py --gans 3                                 # an ensemble of 3 GANs per draw
+    python benchmarks/bench_fewshot.py --fits-from RESULTS --label-filter oracle  # upper bound of label filtering
 
 With --resume, --out is an earlier run's folder: every fit found there continues from its last checkpoint
-(`fit --resume`: step, optimizer, RNG, EMA and the budget clock) up to the new budget, and the classifier
-arms are measured again; the other settings should be the earlier run's. With --fits-from, nothing is
-trained: the GANs of an earlier run's folder (read only) make the synthetic sets of a new --out, so
-synthesis settings (--truncation, --keep-top, --source vary, --synthetic) are compared on the same fits.
+(`fit --resume`: step, optimizer, RNG, EMA and the budget clock) up to the new budget (a fit not found
+there, such as the extra GANs of a larger --gans, starts afresh), and the classifier arms are measured
+again; the other settings should be the earlier run's. With --fits-from, nothing is trained: the GANs of
+an earlier run's folder (read only) make the synthetic sets of a new --out, so synthesis settings
+(--truncation, --keep-top, --source vary, --synthetic, --label-filter) are compared on the same fits.
 
 The synthetic set is written by the product itself, `augment_gan.synth.synth` (or `augment_gan.vary.vary`
 with --source vary: variations of the K×10 training images, their class kept), into <run>/synthetic/
-(PNG, manifest), and read back with `load_folder` — exactly what a user's pipeline would consume.
+(PNG, manifest), and read back with `load_folder` — exactly what a user's pipeline would consume. With
+--gans M, M GANs are trained per draw (seeds seed, seed + 1000, ...; run/, run-1/, ...) and each writes an
+equal share of the synthetic set (synthetic/, synthetic-1/, ...): a GAN ensemble.
+
+--label-filter drops synthetic images whose class a classifier disputes before the mixed arms train:
+`real` asks the draw's first real-only classifier (trained on the K×10 images: a method a user could apply);
+`oracle` asks a classifier trained on the held-out test images themselves — not a method, since it has seen
+the test set, but an upper bound on what removing off-class samples can gain.
 
 Prints one markdown table to stdout (progress to stderr); writes results.json (rewritten after every seed),
 the runs and a synthetic grid per run under --out.
@@ -45,7 +55,7 @@ from PIL import Image
 from augment_gan import __version__
 from augment_gan.atomic import write_bytes_atomic
 from augment_gan.checkpoint import load_checkpoint, resolve_checkpoint
-from augment_gan.classifier import accuracy, train_classifier
+from augment_gan.classifier import accuracy, predict, train_classifier
 from augment_gan.config import TrainConfig, load_config_file
 from augment_gan.data import ReadOptions, load_folder
 from augment_gan.errors import UserError
@@ -59,6 +69,8 @@ RESOLUTION = 32
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data beside the repo
 SAMPLE_SEED = 1234  # latent seed of the synthetic sets (offset by the run's seed)
 CLASSIFIER_SEED_STRIDE = 1000  # classifier seeds of a draw: seed, seed + 1000, ... (the first is the draw's seed)
+GAN_SEED_STRIDE = 1000  # GAN seeds of a draw with --gans M: seed, seed + 1000, ...
+LABEL_FILTERS = ("none", "real", "oracle")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -96,6 +108,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--truncation", type=float, default=1.0, help="synth --truncation (default 1.0)")
     ap.add_argument("--keep-top", type=float, default=None, help="synth --keep-top (default: no rejection)")
     ap.add_argument("--sigma", type=float, default=0.5, help="vary --sigma (default 0.5)")
+    ap.add_argument("--gans", type=int, default=1,
+                    help="GANs per draw (different seeds), each making an equal share of the synthetic set (default 1)")
+    ap.add_argument("--label-filter", choices=LABEL_FILTERS, default="none",
+                    help="drop synthetic images a classifier assigns to another class: `real` (the real-only "
+                         "classifier) or `oracle` (trained on the test images: an upper bound, not a method)")
     return ap.parse_args(argv)
 
 
@@ -144,9 +161,9 @@ def write_subset(root: Path, files: list[str], out: Path) -> None:
 
 
 def synthesize(args: argparse.Namespace, ckpt_path: Path, train_folder: Path, n_train: int, out: Path, seed: int,
-               classes: list[str], channels: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Write the synthetic set to `out` with `synth` (or `vary` of the `n_train` images in `train_folder`), read it
-    back; (uint8 N×H×W×C, labels, summary).
+               classes: list[str], channels: int, n: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Write `n` synthetic images to `out` with `synth` (or `vary` of the `n_train` images in `train_folder`), read
+    them back; (uint8 N×H×W×C, labels, summary).
 
     Labels are the class folders' names, re-indexed into `classes`; `channels` is the real images' (1 or 3).
     """
@@ -154,11 +171,11 @@ def synthesize(args: argparse.Namespace, ckpt_path: Path, train_folder: Path, n_
     if not ckpt.num_classes:
         raise UserError("the GAN is unconditional; the benchmark needs conditional=True")
     if args.source == "vary":
-        per_source = max(1, round(args.synthetic / n_train))
+        per_source = max(1, round(n / n_train))
         summary = vary(ckpt, train_folder, out, VaryConfig(n=per_source, sigma=args.sigma, seed=seed,
                                                           device=args.device, progress=False, overwrite=True))
     else:
-        summary = synth(ckpt, out, SynthConfig(n=args.synthetic, seed=seed, truncation=args.truncation,
+        summary = synth(ckpt, out, SynthConfig(n=n, seed=seed, truncation=args.truncation,
                                                 keep_top=args.keep_top, device=args.device, progress=False,
                                                 lanes=1, threads=args.threads, workers=1, overwrite=True))
     options = ReadOptions(resolution=RESOLUTION, channels="gray" if channels == 1 else "rgb")
@@ -183,9 +200,15 @@ def stats(values: list[float]) -> dict:
 
 def _source_text(results: dict) -> str:
     if results.get("source") == "vary":
-        return f"vary, sigma {results['sigma']:g}"
-    keep = f", keep-top {results['keep_top']:g}" if results.get("keep_top") else ""
-    return f"synth, truncation {results.get('truncation', 1.0):g}{keep}"
+        text = f"vary, sigma {results['sigma']:g}"
+    else:
+        keep = f", keep-top {results['keep_top']:g}" if results.get("keep_top") else ""
+        text = f"synth, truncation {results.get('truncation', 1.0):g}{keep}"
+    if results.get("gans", 1) > 1:
+        text += f", {results['gans']} GANs per draw"
+    if results.get("label_filter", "none") != "none":
+        text += f"; {results['label_filter']} label filter"
+    return text
 
 
 def markdown_table(results: dict) -> str:
@@ -225,8 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     args.command = "python benchmarks/bench_fewshot.py " + " ".join(argv)
     try:
         shots, ratios = _ints(args.shots, "shots"), _floats(args.ratios, "ratios")
-        if min(args.seeds, args.classifier_seeds, args.steps, args.threads) < 1 or args.synthetic < 10:
-            raise UserError("--seeds, --classifier-seeds, --steps and --threads must be >= 1, --synthetic >= 10")
+        counts = (args.seeds, args.classifier_seeds, args.steps, args.threads, args.gans)
+        if min(counts) < 1 or args.synthetic < 10 * args.gans:
+            raise UserError("--seeds, --classifier-seeds, --steps, --threads and --gans must be >= 1, "
+                            "--synthetic >= 10 per GAN")
         overrides = load_config_file(args.fit_config) if args.fit_config else {}
         budget = ({"kimg": args.fit_kimg, "minutes": None} if args.fit_kimg
                   else {"minutes": args.fit_minutes, "clock": args.fit_clock})
@@ -266,7 +291,8 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
                "recipe": args.recipe, "synthetic": args.synthetic, "fit_minutes": args.fit_minutes,
                "fit_kimg": args.fit_kimg, "fit_config": base.to_dict(), "threads": args.threads,
                "fits_from": str(args.fits_from) if args.fits_from else None, "source": args.source,
-               "truncation": args.truncation, "keep_top": args.keep_top, "sigma": args.sigma,
+               "truncation": args.truncation, "keep_top": args.keep_top, "sigma": args.sigma, "gans": args.gans,
+               "label_filter": args.label_filter,
                "device": args.device, "classifier_seeds": args.classifier_seeds, "shots": {str(k): {"runs": []} for k in shots}}
 
     for k in shots:
@@ -276,22 +302,33 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
             folder = out / tag / "train"
             write_subset(data.root, [data.files[i] for i in train_idx], folder)
 
-            t0 = time.monotonic()
-            if args.fits_from:
-                resume = False
-                ckpt_path = resolve_checkpoint(args.fits_from / tag / "run")  # UserError names a missing run
-                log(f"{tag}: GAN of {ckpt_path}")
-            else:
-                log(f"{tag}: {'resume the fit' if args.resume else 'fit'} on {len(train_idx)} images")
-                run_dir = out / tag / "run"
-                resume = args.resume and (run_dir / "checkpoints").is_dir()
-                ckpt_path = fit(folder, base.replace(seed=seed), run_dir, device=args.device, resume=resume,
-                                cache_dir=cache_dir, progress=False)
-            fit_s = time.monotonic() - t0
-            synth_images, synth_labels, synth_summary = synthesize(
-                args, ckpt_path, folder, len(train_idx), out / tag / "synthetic", SAMPLE_SEED + seed, data.classes,
-                data.channels)
-            log(f"{tag}: {len(synth_images)} synthetic images ({args.source})")
+            gans, parts = [], []
+            for j in range(args.gans):
+                suffix = f"-{j}" if j else ""
+                t0 = time.monotonic()
+                if args.fits_from:
+                    resume = False
+                    # A missing run is resolve_checkpoint's one-line UserError.
+                    ckpt_path = resolve_checkpoint(args.fits_from / tag / f"run{suffix}")
+                    log(f"{tag}: GAN of {ckpt_path}")
+                else:
+                    run_dir = out / tag / f"run{suffix}"
+                    resume = args.resume and (run_dir / "checkpoints").is_dir()
+                    log(f"{tag}: {'resume the fit' if resume else 'fit'} of GAN {j} on {len(train_idx)} images")
+                    ckpt_path = fit(folder, base.replace(seed=seed + GAN_SEED_STRIDE * j), run_dir, device=args.device,
+                                    resume=resume, cache_dir=cache_dir, progress=False)
+                fit_s = time.monotonic() - t0
+                meta_path = ckpt_path.with_suffix(".json")
+                meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+                share = args.synthetic // args.gans + (j < args.synthetic % args.gans)
+                parts.append(synthesize(args, ckpt_path, folder, len(train_idx), out / tag / f"synthetic{suffix}",
+                                        SAMPLE_SEED + seed, data.classes, data.channels, share))
+                gans.append({"checkpoint": str(ckpt_path), "fit_seconds": round(fit_s, 1), "fit_kimg": meta.get("kimg"),
+                             "fit_budget_s": meta.get("elapsed_s"), "fit_step": meta.get("step"), "resumed": resume,
+                             "synthetic_summary": parts[-1][2]})
+            synth_images = np.concatenate([part[0] for part in parts])
+            synth_labels = np.concatenate([part[1] for part in parts])
+            log(f"{tag}: {len(synth_images)} synthetic images ({args.source}, {args.gans} GAN(s))")
             rows = [np.flatnonzero(synth_labels == c)[:10] for c in range(len(data.classes))]
             save_png(synth_images[np.concatenate(rows)], out / tag / "synthetic.png")  # up to 10 per class
 
@@ -300,9 +337,20 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
                           device=args.device, recipe=load_recipe(args.recipe, part="real"))
             synthetic_recipe = load_recipe(args.recipe, part="synthetic")  # reseeded by every train_classifier
             cls_seeds = [seed + CLASSIFIER_SEED_STRIDE * j for j in range(args.classifier_seeds)]
-            real_runs = [accuracy(train_classifier(x_tr, y_tr, seed=cs, **common), x_te, y_te) for cs in cls_seeds]
+            real_models = [train_classifier(x_tr, y_tr, seed=cs, **common) for cs in cls_seeds]
+            real_runs = [accuracy(model, x_te, y_te) for model in real_models]
             real_only = float(np.mean(real_runs))
             log(f"{tag}: real only {real_only:.2%} ({', '.join(f'{a:.1%}' for a in real_runs)})")
+            kept_share = 1.0
+            if args.label_filter != "none":
+                judge = (real_models[0] if args.label_filter == "real" else
+                         train_classifier(x_te, y_te, seed=seed, **common))  # oracle: has seen the test images
+                keep = predict(judge, synth_images) == synth_labels
+                kept_share = float(keep.mean())
+                if not keep.any():
+                    raise UserError(f"{tag}: the {args.label_filter} label filter rejected every synthetic image")
+                synth_images, synth_labels = synth_images[keep], synth_labels[keep]
+                log(f"{tag}: {args.label_filter} label filter kept {keep.sum()} of {len(keep)} ({kept_share:.1%})")
             mixed, mixed_runs = {}, {}
             for r in ratios:
                 mixed_runs[str(r)] = [accuracy(train_classifier(
@@ -311,12 +359,13 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
                 mixed[str(r)] = float(np.mean(mixed_runs[str(r)]))
                 log(f"{tag}: ratio {r:g}: {mixed[str(r)]:.2%} ({100 * (mixed[str(r)] - real_only):+.2f} pp; "
                     f"{', '.join(f'{a:.1%}' for a in mixed_runs[str(r)])})")
-            meta = json.loads(ckpt_path.with_suffix(".json").read_text()) if ckpt_path.with_suffix(".json").is_file() else {}
+            first = gans[0]  # the top-level fit fields are GAN 0's (the only one without --gans)
             results["shots"][str(k)]["runs"].append({
                 "seed": seed, "train_images": len(train_idx), "test_images": len(test_idx),
-                "fit_seconds": round(fit_s, 1), "fit_kimg": meta.get("kimg"), "resumed": resume,
-                "fit_budget_s": meta.get("elapsed_s"), "checkpoint": str(ckpt_path), "fit_step": meta.get("step"),
-                "synthetic_images": len(synth_images), "synthetic_summary": synth_summary,
+                "fit_seconds": first["fit_seconds"], "fit_kimg": first["fit_kimg"], "resumed": first["resumed"],
+                "fit_budget_s": first["fit_budget_s"], "checkpoint": first["checkpoint"], "fit_step": first["fit_step"],
+                "gans": gans, "synthetic_images": len(synth_images), "label_filter_kept": kept_share,
+                "synthetic_summary": first["synthetic_summary"],
                 "classifier_seeds": cls_seeds, "real_only": real_only, "mixed": mixed,
                 "real_only_runs": real_runs, "mixed_runs": mixed_runs})
             write_bytes_atomic(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())

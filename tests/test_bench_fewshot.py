@@ -86,6 +86,31 @@ def test_short_run_writes_results_and_table(tmp_path: Path, shared_data: Path):
     assert [m.relative_to(varied / "k3-seed0" / "synthetic").as_posix() for m in made] == sorted(
         f"{t.as_posix()}_{k}.png" for t in train for k in range(2))
 
+    # --gans 2: two fits per draw (seeds 0 and 1000), each writing half of the synthetic set; --label-filter real
+    # drops what the real-only classifier assigns to another class.
+    ensemble = tmp_path / "ensemble"
+    proc = subprocess.run(base + ["--out", str(ensemble), "--gans", "2", "--label-filter", "real"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((ensemble / "results.json").read_text())
+    (run,) = results["shots"]["3"]["runs"]
+    assert results["gans"] == 2 and "2 GANs per draw; real label filter" in proc.stdout
+    assert [json.loads((ensemble / "k3-seed0" / name / "config.json").read_text())["config"]["seed"]
+            for name in ("run", "run-1")] == [0, 1000]
+    assert [g["synthetic_summary"]["images"] for g in run["gans"]] == [15, 15]
+    assert [len(list((ensemble / "k3-seed0" / name).rglob("*.png"))) for name in ("synthetic", "synthetic-1")] == [15, 15]
+    assert run["synthetic_images"] == round(run["label_filter_kept"] * 30) and 0 < run["label_filter_kept"] <= 1
+
+    # --label-filter oracle on those two GANs (--fits-from reads both): the judge is trained on the test images.
+    oracle = tmp_path / "oracle"
+    proc = subprocess.run(base + ["--out", str(oracle), "--fits-from", str(ensemble), "--gans", "2",
+                                  "--label-filter", "oracle"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads((oracle / "results.json").read_text())["shots"]["3"]["runs"]
+    assert [g["checkpoint"] for g in run["gans"]] == [
+        g["checkpoint"] for g in json.loads((ensemble / "results.json").read_text())["shots"]["3"]["runs"][0]["gans"]]
+    assert "oracle label filter kept" in proc.stderr and 0 < run["label_filter_kept"] <= 1
+
 
 def test_bad_arguments_are_one_line_errors(tmp_path: Path):
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_fewshot.py"), "--fits-from", str(tmp_path),
