@@ -54,7 +54,7 @@ from PIL import Image
 
 from augment_gan import __version__
 from augment_gan.atomic import write_bytes_atomic
-from augment_gan.checkpoint import load_checkpoint, resolve_checkpoint
+from augment_gan.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
 from augment_gan.classifier import accuracy, predict, train_classifier
 from augment_gan.config import TrainConfig, load_config_file
 from augment_gan.data import ReadOptions, load_folder
@@ -160,14 +160,13 @@ def write_subset(root: Path, files: list[str], out: Path) -> None:
         shutil.copy(root / rel, out / rel)
 
 
-def synthesize(args: argparse.Namespace, ckpt_path: Path, train_folder: Path, n_train: int, out: Path, seed: int,
+def synthesize(args: argparse.Namespace, ckpt: Checkpoint, train_folder: Path, n_train: int, out: Path, seed: int,
                classes: list[str], channels: int, n: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """Write `n` synthetic images to `out` with `synth` (or `vary` of the `n_train` images in `train_folder`), read
     them back; (uint8 N×H×W×C, labels, summary).
 
     Labels are the class folders' names, re-indexed into `classes`; `channels` is the real images' (1 or 3).
     """
-    ckpt = load_checkpoint(ckpt_path, device=args.device)
     if not ckpt.num_classes:
         raise UserError("the GAN is unconditional; the benchmark needs conditional=True")
     if args.source == "vary":
@@ -318,10 +317,10 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
                     ckpt_path = fit(folder, base.replace(seed=seed + GAN_SEED_STRIDE * j), run_dir, device=args.device,
                                     resume=resume, cache_dir=cache_dir, progress=False)
                 fit_s = time.monotonic() - t0
-                meta_path = ckpt_path.with_suffix(".json")
-                meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+                ckpt = load_checkpoint(ckpt_path, device=args.device)
+                meta = ckpt.meta  # what fit recorded: step, kimg, elapsed_s
                 share = args.synthetic // args.gans + (j < args.synthetic % args.gans)
-                parts.append(synthesize(args, ckpt_path, folder, len(train_idx), out / tag / f"synthetic{suffix}",
+                parts.append(synthesize(args, ckpt, folder, len(train_idx), out / tag / f"synthetic{suffix}",
                                         SAMPLE_SEED + seed, data.classes, data.channels, share))
                 gans.append({"checkpoint": str(ckpt_path), "fit_seconds": round(fit_s, 1), "fit_kimg": meta.get("kimg"),
                              "fit_budget_s": meta.get("elapsed_s"), "fit_step": meta.get("step"), "resumed": resume,
