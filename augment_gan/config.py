@@ -98,6 +98,14 @@ class TrainConfig:
     class give similar images. Without it a conditional G on a small folder maps every latent of a class to
     one image (the few-shot benchmark's grid at 10 images per class, even after 12 CPU-minutes); with 0.5 the
     classes vary and the synthetic set helps the classifier (README, few-shot table). Costs no extra pass."""
+    class_d_weight: float = 0.0
+    """Conditional runs: weight of an auxiliary classifier head on D's features (AC-GAN, Odena et al. 2017),
+    trained with cross-entropy on the augmented real images only, so it learns the classes from the data
+    and not from G's mistakes. Costs one linear layer: it reads the features D computes anyway."""
+    class_g_weight: float = 0.0
+    """Conditional runs: G is penalised (cross-entropy) when D's auxiliary classifier puts a fake in
+    another class than the one it was asked for — aimed at a small folder's samples that drift into a
+    neighbouring class (a 0 that looks like an 8). Needs a trained head: set `class_d_weight` too."""
     selfsup_fraction: float = 0.25
     """Share of each batch the self-supervised passes and the encoder see (each pass costs extra D or G
     work; a quarter keeps their total cost below one adversarial D pass)."""
@@ -149,9 +157,12 @@ class TrainConfig:
         if self.fixed_p is not None and not 0 <= self.fixed_p <= 1:
             raise UserError(f"fixed_p must be in [0, 1], got {self.fixed_p}")
         for name in ("rotation_d_weight", "rotation_g_weight", "completion_weight", "encoder_weight",
-                     "encoder_kl_weight", "mode_seeking_weight", "r1_gamma", "g_lr", "d_lr"):
+                     "encoder_kl_weight", "mode_seeking_weight", "class_d_weight", "class_g_weight",
+                     "r1_gamma", "g_lr", "d_lr"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.class_g_weight > 0 and self.class_d_weight == 0:
+            raise UserError("class_g_weight needs class_d_weight > 0 (the classifier G answers to must learn)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

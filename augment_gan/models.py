@@ -145,7 +145,8 @@ class Discriminator(nn.Module):
     """Image (+ class) -> realness logit, plus self-supervised heads sharing the same trunk.
 
     Heads: `adv` (with class projection), `rotation` (4-way: 0/90/180/270°), `completion` (decodes the
-    image at up to 16×16 from the 4×4 trunk features, so D must understand the masked region).
+    image at up to 16×16 from the 4×4 trunk features, so D must understand the masked region), and with
+    `classifier=True` on a conditional D, `classify` (an AC-GAN-style auxiliary classifier: class logits).
 
     The trunk is DCGAN's (strided 4×4 convolutions, BatchNorm after all but the first, LeakyReLU 0.2)
     with spectral normalisation on top. Measured on examples/digits (150 steps, batch 16, samples'
@@ -155,7 +156,7 @@ class Discriminator(nn.Module):
     """
 
     def __init__(self, resolution: int, channels: int, num_classes: int = 0,
-                 base_channels: int = 32, max_channels: int = 256):
+                 base_channels: int = 32, max_channels: int = 256, classifier: bool = False):
         super().__init__()
         self.resolution, self.channels, self.num_classes = resolution, channels, num_classes
         n_down = int(math.log2(resolution)) - 2  # R×R -> 4×4
@@ -175,6 +176,8 @@ class Discriminator(nn.Module):
         self.adv = spectral_norm(nn.Linear(self.feature_dim, 1))
         self.project = spectral_norm(nn.Embedding(num_classes, self.feature_dim)) if num_classes else None
         self.rotation = nn.Linear(self.feature_dim, 4)
+        # Only built when asked for, so checkpoints of runs without it keep loading strictly.
+        self.classify = nn.Linear(self.feature_dim, num_classes) if classifier and num_classes else None
         # A deliberately small decoder (nearest upsampling + 3×3 convs, 64 -> 16 channels) predicting the
         # image at up to 16×16: at full width and resolution it cost more than D itself on a CPU, and D's
         # features only need to know what belongs in the hole, not its fine texture.
@@ -255,7 +258,8 @@ def build_networks(config: TrainConfig, channels: int, num_classes: int
     g = Generator(config.resolution, channels, config.z_dim, num_classes,
                   base_channels=config.g_channels, min_channels=config.min_channels)
     d = Discriminator(config.resolution, channels, num_classes,
-                      base_channels=config.d_channels, max_channels=config.max_channels)
+                      base_channels=config.d_channels, max_channels=config.max_channels,
+                      classifier=config.class_d_weight > 0 or config.class_g_weight > 0)
     e = Encoder(config.resolution, channels, config.z_dim, max_channels=config.max_channels)
     dcgan_init(g)
     dcgan_init(d)

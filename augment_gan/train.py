@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from augment_gan import __version__, diffaug, losses, selfsup
@@ -249,6 +250,8 @@ def _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank,
     use_rot_d, use_rot_g = config.rotation_d_weight > 0, config.rotation_g_weight > 0
     use_completion, use_encoder = config.completion_weight > 0, config.encoder_weight > 0
     use_ms = config.mode_seeking_weight > 0
+    use_class_d = conditional and config.class_d_weight > 0
+    use_class_g = conditional and config.class_g_weight > 0
     if use_ms and b % 2:
         raise UserError(f"mode_seeking_weight > 0 needs an even per-rank batch, got {b}")
 
@@ -360,10 +363,14 @@ def _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank,
                 real_in = diffaug.apply(x, aug_real)
                 if config.r1_gamma > 0:
                     real_in = real_in.detach().requires_grad_(True)
-                d_real = D(real_in, y).float()
+                f_real = D.features(real_in)
+                d_real = D.adv_from_features(f_real, y).float()
                 d_fake = D(diffaug.apply(fake, aug_fake), y_fake).float()
                 loss_d = losses.d_loss(d_real, d_fake, config.loss)
                 logs["loss_d"] = loss_d.detach()
+                if use_class_d:
+                    logs["loss_class_d"] = F.cross_entropy(D.classify(f_real).float(), y)
+                    loss_d = loss_d + config.class_d_weight * logs["loss_class_d"]
                 if config.r1_gamma > 0:
                     loss_d = loss_d + 0.5 * config.r1_gamma * losses.r1_penalty(d_real, real_in)
                 if use_rot_d:
@@ -385,8 +392,12 @@ def _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank,
             D.requires_grad_(False)
             with _autocast(dev):
                 fake = G(z_g, y_g)
-                loss_g = losses.g_loss(D(diffaug.apply(fake, aug_g), y_g).float(), config.loss)
+                f_fake = D.features(diffaug.apply(fake, aug_g))
+                loss_g = losses.g_loss(D.adv_from_features(f_fake, y_g).float(), config.loss)
                 logs["loss_g"] = loss_g.detach()
+                if use_class_g:
+                    logs["loss_class_g"] = F.cross_entropy(D.classify(f_fake).float(), y_g)
+                    loss_g = loss_g + config.class_g_weight * logs["loss_class_g"]
                 if use_rot_g:
                     rot_logits = D.rotation_logits(selfsup.rotate(fake[sub], rot_k_g))
                     logs["loss_rot_g"] = selfsup.rotation_loss(rot_logits, rot_k_g)

@@ -19,19 +19,22 @@ from augment_gan import losses
 from augment_gan.checkpoint import list_checkpoints, load_checkpoint
 from augment_gan.cli import app
 from augment_gan.config import TrainConfig
+from augment_gan.data import ReadOptions, load_folder
 from augment_gan.errors import UserError
 from augment_gan.models import build_networks
+from augment_gan.pixels import hwc_to_nchw, to_float
 from augment_gan.train import TrainingDiverged, _run_lock, fit
 
 # Small networks keep each step a few milliseconds on a CPU.
-# Every self-supervised constraint (and the mode-seeking term, whose fake labels come in pairs) is on, whatever
+# Every self-supervised constraint (and the mode-seeking term, whose fake labels come in pairs, and the auxiliary
+# classifier) is on, whatever
 # the defaults, so resume and DDP cover their randomness; E trains every other step, so resume covers that too.
 # lr pinned at 2e-4: Adam moves a weight by up to ~lr per step whatever the gradient's size, so the gloo test's
 # float-rounding tolerance (1e-3 over 6 steps) is calibrated for this lr, not for whatever the default becomes.
 TINY = dict(resolution=32, batch_size=8, g_channels=32, d_channels=8, min_channels=8, max_channels=32,
             z_dim=16, log_every=2, ada_interval=1, ada_kimg=0.5, minutes=None, g_lr=2e-4, d_lr=2e-4,
             rotation_d_weight=1.0, rotation_g_weight=0.2, completion_weight=1.0, encoder_weight=1.0,
-            encoder_interval=2, mode_seeking_weight=1.0)
+            encoder_interval=2, mode_seeking_weight=1.0, class_d_weight=1.0, class_g_weight=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +67,28 @@ def test_fit_writes_checkpoint_grid_log_and_config(digits, tmp_path):
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
     for key in ("kimg", "time_s", "img_per_s", "p", "rt", "loss_d", "loss_g", "loss_rot_d", "loss_rot_g",
-                "loss_completion", "loss_encoder"):
+                "loss_completion", "loss_encoder", "loss_class_d", "loss_class_g"):
         assert key in records[-1]
     ckpt = load_checkpoint(run)
+    assert ckpt.D.classify is not None and ckpt.D.classify.out_features == 3
     img = ckpt.G_ema(torch.randn(3, 16), torch.tensor([0, 1, 2]))
     assert img.shape == (3, 1, 32, 32)
+
+
+def test_the_auxiliary_classifier_learns_the_classes_and_is_absent_by_default(digits, tmp_path):
+    # D's class head (class_d_weight) is trained on the augmented real images; after 60 steps it must tell
+    # this 3-class folder's images apart far above chance (1/3). Without the weights the head is not built,
+    # so checkpoints of earlier runs (no `D.classify.*` tensors) still load strictly.
+    run = tmp_path / "run"
+    fit(digits, TrainConfig(kimg=0.48, **TINY), run, device="cpu", progress=False)
+    data = load_folder(digits, ReadOptions(resolution=32))
+    ckpt = load_checkpoint(run)
+    with torch.no_grad():
+        pred = ckpt.D.classify(ckpt.D.features(to_float(hwc_to_nchw(data.images)))).argmax(1)
+    accuracy = float((pred == torch.as_tensor(data.labels)).float().mean())
+    assert accuracy > 0.8, accuracy
+    _, d, _ = build_networks(TrainConfig(), channels=1, num_classes=3)
+    assert d.classify is None and not any(k.startswith("classify") for k in d.state_dict())
 
 
 def test_resume_ends_bitwise_where_an_uninterrupted_run_ends(digits, tmp_path):

@@ -228,6 +228,8 @@ def test_config_rejects_bad_values_and_unknown_keys():
         TrainConfig(encoder_interval=0)
     with pytest.raises(UserError, match="mode_seeking_weight"):
         TrainConfig(mode_seeking_weight=-1)
+    with pytest.raises(UserError, match="class_g_weight needs class_d_weight"):
+        TrainConfig(class_g_weight=0.2)
     with pytest.raises(UserError, match="unknown config keys: colour"):
         TrainConfig.from_dict({"colour": 1})
     cfg = TrainConfig.from_dict({"diffaug": ["color"], "betas": [0.0, 0.9]})
