@@ -355,7 +355,8 @@ def _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank,
             eps = torch.randn(B, config.z_dim, generator=gen)[local][sub].to(dev)
             logs: dict[str, torch.Tensor] = {}
 
-            # -- Discriminator step: adversarial loss on augmented reals and fakes, plus self-supervision.
+            # -- Discriminator step: adversarial loss on augmented reals and fakes, plus self-supervision and the
+            #    auxiliary classifier (reals only).
             D.requires_grad_(True)
             with torch.no_grad(), _autocast(dev):
                 fake = G(z, y_fake)
@@ -388,7 +389,7 @@ def _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank,
             _all_reduce_mean_grads([D], world)
             opt_d.step()
 
-            # -- Generator step: fool D on augmented fakes; be rewarded when D can tell their rotation.
+            # -- Generator step: fool D on augmented fakes; be rewarded when D can tell their rotation and class.
             D.requires_grad_(False)
             with _autocast(dev):
                 fake = G(z_g, y_g)
