@@ -27,8 +27,8 @@ from augment_gan.train import TrainingDiverged, _run_lock, fit
 
 # Small networks keep each step a few milliseconds on a CPU.
 # Every self-supervised constraint (and the mode-seeking term, whose fake labels come in pairs, and the auxiliary
-# classifier) is on, whatever
-# the defaults, so resume and DDP cover their randomness; E trains every other step, so resume covers that too.
+# classifier) is on, whatever the defaults, so resume and DDP cover their randomness; E trains every other step,
+# so resume covers that too.
 # lr pinned at 2e-4: Adam moves a weight by up to ~lr per step whatever the gradient's size, so the gloo test's
 # float-rounding tolerance (1e-3 over 6 steps) is calibrated for this lr, not for whatever the default becomes.
 TINY = dict(resolution=32, batch_size=8, g_channels=32, d_channels=8, min_channels=8, max_channels=32,
