@@ -259,7 +259,7 @@ def build_networks(config: TrainConfig, channels: int, num_classes: int
                   base_channels=config.g_channels, min_channels=config.min_channels)
     d = Discriminator(config.resolution, channels, num_classes,
                       base_channels=config.d_channels, max_channels=config.max_channels,
-                      classifier=config.class_d_weight > 0 or config.class_g_weight > 0)
+                      classifier=config.class_d_weight > 0)  # class_g_weight requires it (TrainConfig)
     e = Encoder(config.resolution, channels, config.z_dim, max_channels=config.max_channels)
     dcgan_init(g)
     dcgan_init(d)
