@@ -14,6 +14,7 @@ seed â€” and test both on the held-out images. The gain is paired per seed (b âˆ
     python benchmarks/bench_fewshot.py --fits-from RESULTS --keep-top 0.5       # other synthetic sets, same GANs
     python benchmarks/bench_fewshot.py --gans 3                                 # an ensemble of 3 GANs per draw
     python benchmarks/bench_fewshot.py --fits-from RESULTS --label-filter oracle  # upper bound of label filtering
+    python benchmarks/bench_fewshot.py --fits-from RESULTS --real-finish 0.2      # last 20% of steps real only
 
 With --resume, --out is an earlier run's folder: every fit found there continues from its last checkpoint
 (`fit --resume`: step, optimizer, RNG, EMA and the budget clock) up to the new budget (a fit not found
@@ -55,7 +56,7 @@ from PIL import Image
 from augment_gan import __version__
 from augment_gan.atomic import write_bytes_atomic
 from augment_gan.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
-from augment_gan.classifier import accuracy, predict, train_classifier
+from augment_gan.classifier import SCHEDULES, accuracy, predict, train_classifier
 from augment_gan.config import TrainConfig, load_config_file
 from augment_gan.data import ReadOptions, load_folder
 from augment_gan.errors import UserError
@@ -110,6 +111,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--sigma", type=float, default=0.5, help="vary --sigma (default 0.5)")
     ap.add_argument("--gans", type=int, default=1,
                     help="GANs per draw (different seeds), each making an equal share of the synthetic set (default 1)")
+    ap.add_argument("--synthetic-schedule", choices=SCHEDULES, default="constant",
+                    help="share of synthetic images over the classifier's training: constant (default) or "
+                         "linear decay from the ratio to 0")
+    ap.add_argument("--real-finish", type=float, default=0.0,
+                    help="share of the classifier's last steps trained on real images only (default 0)")
     ap.add_argument("--label-filter", choices=LABEL_FILTERS, default="none",
                     help="drop synthetic images a classifier assigns to another class: `real` (the real-only "
                          "classifier) or `oracle` (trained on the test images: an upper bound, not a method)")
@@ -205,6 +211,9 @@ def _source_text(results: dict) -> str:
         text = f"synth, truncation {results.get('truncation', 1.0):g}{keep}"
     if results.get("gans", 1) > 1:
         text += f", {results['gans']} GANs per draw"
+    if results.get("synthetic_schedule", "constant") != "constant" or results.get("real_finish", 0.0):
+        text += (f"; classifier mix {results.get('synthetic_schedule', 'constant')}, "
+                 f"last {results.get('real_finish', 0.0):.0%} of steps real only")
     if results.get("label_filter", "none") != "none":
         text += f"; {results['label_filter']} label filter"
     return text
@@ -248,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shots, ratios = _ints(args.shots, "shots"), _floats(args.ratios, "ratios")
         counts = (args.seeds, args.classifier_seeds, args.steps, args.threads, args.gans)
+        if not 0 <= args.real_finish < 1:
+            raise UserError(f"--real-finish must be in [0, 1), got {args.real_finish}")
         if min(counts) < 1 or args.synthetic < 10 * args.gans:
             raise UserError("--seeds, --classifier-seeds, --steps, --threads and --gans must be >= 1, "
                             "--synthetic >= 10 per GAN")
@@ -291,7 +302,8 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
                "fit_kimg": args.fit_kimg, "fit_config": base.to_dict(), "threads": args.threads,
                "fits_from": str(args.fits_from) if args.fits_from else None, "source": args.source,
                "truncation": args.truncation, "keep_top": args.keep_top, "sigma": args.sigma, "gans": args.gans,
-               "label_filter": args.label_filter,
+               "label_filter": args.label_filter, "synthetic_schedule": args.synthetic_schedule,
+               "real_finish": args.real_finish,
                "device": args.device, "classifier_seeds": args.classifier_seeds, "shots": {str(k): {"runs": []} for k in shots}}
 
     for k in shots:
@@ -354,7 +366,8 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
             for r in ratios:
                 mixed_runs[str(r)] = [accuracy(train_classifier(
                     x_tr, y_tr, extra=(synth_images, synth_labels), synthetic_ratio=r, seed=cs,
-                    extra_recipe=synthetic_recipe, **common), x_te, y_te) for cs in cls_seeds]
+                    extra_recipe=synthetic_recipe, synthetic_schedule=args.synthetic_schedule,
+                    real_finish=args.real_finish, **common), x_te, y_te) for cs in cls_seeds]
                 mixed[str(r)] = float(np.mean(mixed_runs[str(r)]))
                 log(f"{tag}: ratio {r:g}: {mixed[str(r)]:.2%} ({100 * (mixed[str(r)] - real_only):+.2f} pp; "
                     f"{', '.join(f'{a:.1%}' for a in mixed_runs[str(r)])})")

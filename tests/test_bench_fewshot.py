@@ -101,12 +101,17 @@ def test_short_run_writes_results_and_table(tmp_path: Path, shared_data: Path):
     assert [len(list((ensemble / "k3-seed0" / name).rglob("*.png"))) for name in ("synthetic", "synthetic-1")] == [15, 15]
     assert run["synthetic_images"] == round(run["label_filter_kept"] * 30) and 0 < run["label_filter_kept"] <= 1
 
-    # --label-filter oracle on those two GANs (--fits-from reads both): the judge is trained on the test images.
+    # --label-filter oracle on those two GANs (--fits-from reads both): the judge is trained on the test images;
+    # the classifiers mix with a linear decay and finish on real images only.
     oracle = tmp_path / "oracle"
     proc = subprocess.run(base + ["--out", str(oracle), "--fits-from", str(ensemble), "--gans", "2",
-                                  "--label-filter", "oracle"], capture_output=True, text=True, timeout=300)
+                                  "--label-filter", "oracle", "--synthetic-schedule", "linear", "--real-finish", "0.5"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (run,) = json.loads((oracle / "results.json").read_text())["shots"]["3"]["runs"]
+    results = json.loads((oracle / "results.json").read_text())
+    assert (results["synthetic_schedule"], results["real_finish"]) == ("linear", 0.5)
+    assert "classifier mix linear, last 50% of steps real only" in proc.stdout
+    (run,) = results["shots"]["3"]["runs"]
     assert [g["checkpoint"] for g in run["gans"]] == [
         g["checkpoint"] for g in json.loads((ensemble / "results.json").read_text())["shots"]["3"]["runs"][0]["gans"]]
     assert "oracle label filter kept" in proc.stderr and 0 < run["label_filter_kept"] <= 1
@@ -119,3 +124,6 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path):
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_fewshot.py"), "--ratios", "1.5",
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stderr.startswith("Error: --ratios") and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_fewshot.py"), "--real-finish", "1",
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.startswith("Error: --real-finish") and "Traceback" not in proc.stderr

@@ -158,3 +158,36 @@ def test_classifier_mixes_extra_images_and_checks_shapes(digits):
         train_classifier(x, y, steps=1, extra=(np.repeat(np.asarray(b.images), 3, axis=3), b.labels))
     with pytest.raises(UserError, match="labels"):
         train_classifier(x, y[:10], steps=1)
+    with pytest.raises(UserError, match="schedule"):
+        train_classifier(x, y, steps=1, extra=(np.asarray(b.images), b.labels), synthetic_schedule="cosine")
+    with pytest.raises(UserError, match="real finish"):
+        train_classifier(x, y, steps=1, extra=(np.asarray(b.images), b.labels), real_finish=1.0)
+
+
+def test_synthetic_schedules_set_the_synthetic_images_per_step():
+    from augment_gan.classifier import synthetic_count
+
+    assert [synthetic_count(s, 10, 16, "constant", 0.0) for s in range(10)] == [16] * 10
+    assert [synthetic_count(s, 10, 16, "constant", 0.3) for s in range(10)] == [16] * 7 + [0] * 3
+    linear = [synthetic_count(s, 10, 16, "linear", 0.2) for s in range(10)]
+    assert linear[0] == 16 and linear[7] == 2 and linear[8:] == [0, 0]
+    assert all(a >= b for a, b in zip(linear, linear[1:]))
+
+
+def test_real_finish_trains_the_last_steps_on_real_images_only(digits, monkeypatch):
+    from augment_gan import classifier
+
+    a, b = digits
+    x, y = np.asarray(a.images), a.labels
+    synthetic = np.full_like(np.asarray(b.images), 255)  # all-white: recognisable in a batch
+    seen = []
+    real_forward = classifier.SmallCNN.forward
+
+    def spy(self, batch):
+        seen.append(int((batch.flatten(1).min(dim=1).values == 1.0).sum()))
+        return real_forward(self, batch)
+
+    monkeypatch.setattr(classifier.SmallCNN, "forward", spy)
+    classifier.train_classifier(x, y, steps=8, batch_size=8, seed=0, extra=(synthetic, b.labels),
+                                synthetic_ratio=0.5, real_finish=0.25)
+    assert seen == [4] * 6 + [0, 0]
