@@ -211,9 +211,10 @@ def _source_text(results: dict) -> str:
         text = f"synth, truncation {results.get('truncation', 1.0):g}{keep}"
     if results.get("gans", 1) > 1:
         text += f", {results['gans']} GANs per draw"
-    if results.get("synthetic_schedule", "constant") != "constant" or results.get("real_finish", 0.0):
-        text += (f"; classifier mix {results.get('synthetic_schedule', 'constant')}, "
-                 f"last {results.get('real_finish', 0.0):.0%} of steps real only")
+    if results.get("synthetic_schedule") == "linear":
+        text += "; synthetic share decays linearly to 0"
+    if results.get("real_finish", 0.0):
+        text += f"; last {results['real_finish']:.0%} of classifier steps real only"
     if results.get("label_filter", "none") != "none":
         text += f"; {results['label_filter']} label filter"
     return text

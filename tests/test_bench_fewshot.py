@@ -110,7 +110,7 @@ def test_short_run_writes_results_and_table(tmp_path: Path, shared_data: Path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((oracle / "results.json").read_text())
     assert (results["synthetic_schedule"], results["real_finish"]) == ("linear", 0.5)
-    assert "classifier mix linear, last 50% of steps real only" in proc.stdout
+    assert "synthetic share decays linearly to 0; last 50% of classifier steps real only" in proc.stdout
     (run,) = results["shots"]["3"]["runs"]
     assert [g["checkpoint"] for g in run["gans"]] == [
         g["checkpoint"] for g in json.loads((ensemble / "results.json").read_text())["shots"]["3"]["runs"][0]["gans"]]
