@@ -76,7 +76,7 @@ def synthetic_count(step: int, steps: int, n_extra: int, schedule: str, real_fin
     """Synthetic images in the batch of optimizer step `step` (0-based) of `steps`.
 
     The last round(`real_finish` · `steps`) steps have none; before them `constant` gives `n_extra` every
-    step and `linear` decays from `n_extra` at step 0 towards 0 at the first real-only step.
+    step and `linear` decays from `n_extra` at step 0 towards 0 at the end of the mixed steps.
     """
     mixed_steps = steps - int(round(real_finish * steps))
     if step >= mixed_steps:
