@@ -14,9 +14,9 @@ _LAZY = {
     "Recipe": "augment_gan.recipes",
     "SyntheticImageFolder": "augment_gan.datasets",
     "GeneratorDataset": "augment_gan.datasets",
-    "MixedDataset": "augment_gan.datasets",
-    "MixedSampler": "augment_gan.datasets",
-    "DistributedMixedSampler": "augment_gan.datasets",
+    "MixedDataset": "augment_gan.mixing",
+    "MixedSampler": "augment_gan.mixing",
+    "DistributedMixedSampler": "augment_gan.mixing",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -12,8 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from augment_gan import __version__
 from augment_gan.atomic import write_bytes_atomic
 from augment_gan.config import TrainConfig
 from augment_gan.errors import UserError
 from augment_gan.models import Discriminator, Encoder, Generator, build_networks
-
-FORMAT_VERSION = 1
+from augment_gan.runmeta import RunMeta
 _NAME = re.compile(r"^ckpt-(\d{8,})\.safetensors$")
 NETWORKS = ("G", "G_ema", "D", "E")
 
@@ -99,14 +96,13 @@ def _unflatten_optimizer(prefix: str, tensors: dict[str, torch.Tensor], groups: 
     return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(run_dir: Path, step: int, networks: dict[str, nn.Module],
-                    optimizers: dict[str, torch.optim.Optimizer], rng: dict[str, torch.Tensor],
-                    meta: dict[str, Any]) -> Path:
-    """Write one complete checkpoint atomically; returns the weights path."""
+def save_checkpoint(run_dir: Path, networks: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                    rng: dict[str, torch.Tensor], meta: RunMeta) -> Path:
+    """Write one complete checkpoint (named by `meta.step`) atomically; returns the weights path."""
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {"format_version": FORMAT_VERSION, "package_version": __version__, "step": step, **meta}
-    meta_json = json.dumps(meta, sort_keys=True)
+    step = meta.step
+    meta_json = meta.to_json()
     weights = {f"{name}.{k}": v.detach().cpu().contiguous()
                for name, net in networks.items() for k, v in net.state_dict().items()}
     state: dict[str, torch.Tensor] = {f"rng.{k}": v.cpu().contiguous() for k, v in rng.items()}
@@ -118,7 +114,7 @@ def save_checkpoint(run_dir: Path, step: int, networks: dict[str, nn.Module],
     write_bytes_atomic(base.with_suffix(".safetensors"), st_save(weights, metadata={"augment_gan": meta_json}))
     write_bytes_atomic(base.with_suffix(".state.safetensors"),
                        st_save(state, metadata={"param_groups": json.dumps(groups)}))
-    write_bytes_atomic(base.with_suffix(".json"), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(base.with_suffix(".json"), (meta.to_json(indent=2) + "\n").encode())
     return base.with_suffix(".safetensors")
 
 
@@ -133,22 +129,12 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, header.get("__metadata__", {}) or {}
 
 
-def config_from_meta(meta: dict[str, Any]) -> TrainConfig:
-    """Rebuild the TrainConfig of a checkpoint; fields a newer version added are dropped with a warning."""
-    data = dict(meta["config"])
-    known = {f.name for f in fields(TrainConfig)}
-    extra = sorted(set(data) - known)
-    if extra:
-        warnings.warn(f"checkpoint config has fields this version does not know, ignored: {extra}", stacklevel=2)
-    return TrainConfig.from_dict({k: v for k, v in data.items() if k in known})
-
-
 @dataclass
 class Checkpoint:
     """Networks and metadata of one checkpoint, ready for sampling (modules in eval mode)."""
 
     path: Path
-    meta: dict[str, Any]
+    meta: RunMeta
     config: TrainConfig
     G: Generator
     G_ema: Generator
@@ -158,15 +144,15 @@ class Checkpoint:
 
     @property
     def classes(self) -> list[str]:
-        return list(self.meta.get("classes", []))
+        return list(self.meta.classes)
 
     @property
     def num_classes(self) -> int:
-        return len(self.classes) if self.meta.get("conditional") else 0
+        return self.meta.num_classes
 
     @property
     def channels(self) -> int:
-        return int(self.meta["channels"])
+        return self.meta.channels
 
     @property
     def resolution(self) -> int:
@@ -178,30 +164,29 @@ class Checkpoint:
 
     @property
     def step(self) -> int:
-        return int(self.meta["step"])
+        return self.meta.step
 
 
-def read_meta(path: Path) -> dict[str, Any]:
-    """The metadata embedded in a weights file."""
-    _, header = _read_safetensors(Path(path))
+def _meta_from_header(path: Path, header: dict[str, str]) -> RunMeta:
     if "augment_gan" not in header:
         raise UserError(f"{path} is a safetensors file but not an augment-gan checkpoint")
-    return json.loads(header["augment_gan"])
+    return RunMeta.from_json(header["augment_gan"], path)
+
+
+def read_meta(path: Path) -> RunMeta:
+    """The metadata embedded in a weights file."""
+    _, header = _read_safetensors(Path(path))
+    return _meta_from_header(Path(path), header)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Load a run directory or checkpoint file for sampling (no optimizer state, no pickle)."""
     path = resolve_checkpoint(path)
     tensors, header = _read_safetensors(path)
-    if "augment_gan" not in header:
-        raise UserError(f"{path} is a safetensors file but not an augment-gan checkpoint")
-    meta = json.loads(header["augment_gan"])
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise UserError(f"{path} was written by a newer checkpoint format ({meta['format_version']}); upgrade augment-gan")
-    config = config_from_meta(meta)
-    num_classes = len(meta.get("classes", [])) if meta.get("conditional") else 0
-    g, d, e = build_networks(config, int(meta["channels"]), num_classes)
-    g_ema, _, _ = build_networks(config, int(meta["channels"]), num_classes)
+    meta = _meta_from_header(path, header)
+    config = meta.config
+    g, d, e = build_networks(config, meta.channels, meta.num_classes)
+    g_ema, _, _ = build_networks(config, meta.channels, meta.num_classes)
     nets = {"G": g, "G_ema": g_ema, "D": d, "E": e}
     for name, net in nets.items():
         prefix = name + "."
@@ -214,11 +199,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     return Checkpoint(path=path, meta=meta, config=config, G=g, G_ema=g_ema, D=d, E=e, digest=file_digest(path))
 
 
-def load_training_state(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict], dict[str, torch.Tensor], dict]:
+def load_training_state(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict], dict[str, torch.Tensor], RunMeta]:
     """For --resume: (network state dicts, optimizer state dicts, RNG states, metadata)."""
     path = resolve_checkpoint(path)
     tensors, header = _read_safetensors(path)
-    meta = json.loads(header["augment_gan"])
+    meta = _meta_from_header(path, header)
     nets = {name: {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
             for name in NETWORKS}
     state_path = path.with_name(path.name.replace(".safetensors", ".state.safetensors"))

@@ -104,7 +104,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, *, steps: int = 500
     extra_recipe: applied to the extra images (default: `recipe`), e.g. `load_recipe(name, part="synthetic")`.
     synthetic_schedule, real_finish: how the share of extra images changes over training (`synthetic_count`):
       `constant` (default) or `linear` decay, and the share of the last steps trained on real images only
-      (default 0). Measured on few-shot digits, neither beat the constant mix (README, few-shot benchmark).
+      (default 0). Measured on few-shot digits, neither beat the constant mix (benchmarks/RESULTS.md).
     Deterministic for a given seed on the CPU; the caller's global RNG state is left untouched.
     AdamW with a linear warm-up (5% of steps) then cosine decay — robust across 100–10,000 images
     without tuning per size.

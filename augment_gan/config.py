@@ -9,11 +9,10 @@ from typing import Any
 
 import yaml
 
+from augment_gan.data import FITS, MODEL_RESOLUTIONS
 from augment_gan.errors import UserError
 
-RESOLUTIONS = (32, 64, 128, 256)
 LOSSES = ("hinge", "nonsaturating")
-FITS = ("center-crop", "pad", "resize")
 DIFFAUG_OPS = ("color", "translation", "cutout")
 CLOCKS = ("wall", "cpu")
 
@@ -41,11 +40,8 @@ class TrainConfig:
     """What `minutes` counts: "wall" (elapsed time) or "cpu" (this process's CPU time, all threads), which
     makes budgets comparable on a shared machine (the benchmarks use it)."""
     batch_size: int = 32
-    """Global batch size (split across ranks under torchrun). Small because a CPU run is update-limited:
-    in `benchmarks/bench_fit.py` (5 CPU-minutes, 32 px) batch 32 with lr 4e-4 reached MNIST FD 6.9 and emoji
-    FD 6.0 (seed 0), vs 20.6 and 34.8 at batch 64 with lr 2e-4 in an earlier run; in the same run MNIST
-    reached 6.7 at batch 64 / lr 4e-4 and 9.4 at batch 32 / lr 2e-4, so the learning rate matters most.
-    On a GPU, larger batches cost little more."""
+    """Global batch size (split across ranks under torchrun). Small because a short CPU run is limited by
+    its number of updates (benchmarks/RESULTS.md, fit); on a GPU larger batches cost little more."""
     seed: int = 0
 
     # Networks.
@@ -54,15 +50,12 @@ class TrainConfig:
     """Generator width at 4×4; halves every doubling of resolution, never below `min_channels`."""
     d_channels: int = 32
     """Discriminator width at full resolution; doubles every halving, capped at `max_channels`. 32, not 64:
-    D's full-resolution layers dominate a CPU step, and in `benchmarks/bench_fit.py` (MNIST, seed 2, 5
-    CPU-minutes) width 32 took 1,366 steps instead of 826 and reached FD 6.45 instead of 8.37 (a narrower
-    G, 128 at 4×4, took 1,070 steps and reached 8.55; lr 6e-4 7.14); with it the benchmark meets FD ≤ ⅓
-    of DCGAN's at seeds 0–2 on MNIST and emoji (README). On ~100 images 64 did at least as well in the
-    few-shot benchmark (its D overfits later), so try 64 there."""
+    D's full-resolution layers dominate a CPU step (benchmarks/RESULTS.md, fit). On ~100 images try 64."""
     min_channels: int = 32
     max_channels: int = 256
 
-    # Optimisation: Adam at twice DCGAN's 2e-4 (see batch_size for the measurement).
+    # Optimisation: Adam at twice DCGAN's 2e-4; in short CPU runs the learning rate mattered most
+    # (benchmarks/RESULTS.md, fit).
     loss: str = "hinge"
     g_lr: float = 4e-4
     d_lr: float = 4e-4
@@ -74,10 +67,9 @@ class TrainConfig:
     ema_rampup: float = 0.05
     """EMA half-life is at most `ema_rampup` × kimg so far, so early samples are not stuck at init."""
 
-    # Self-supervised constraints (each 0 disables it). Rotation and completion are off by default because
-    # `benchmarks/bench_fit.py` (5 CPU-minutes, 32 px, FD in classifier features, lower is better) found no
-    # reliable gain: with both on, MNIST 6.57 vs 6.91 at seed 0 but 8.44 vs 7.23 at seed 1, emoji 6.86 vs 5.96
-    # and 8.20 vs 7.17; their extra D passes cost ~10% of the steps. Turn them on for long (GPU) runs.
+    # Self-supervised constraints (each 0 disables it). Rotation and completion are off by default: their
+    # extra D passes cost steps, and the fit benchmark found no reliable gain in 5 CPU-minutes
+    # (benchmarks/RESULTS.md). Turn them on for long (GPU) runs.
     rotation_d_weight: float = 0.0
     """D predicts the rotation (0/90/180/270°) of real images (SSGAN, Chen et al. 2019, uses 1.0)."""
     rotation_g_weight: float = 0.0
@@ -85,19 +77,16 @@ class TrainConfig:
     completion_weight: float = 0.0
     """D's features reconstruct a masked region of real images, loss ½‖x̄ − x̂‖² on the region (try 1.0)."""
     encoder_weight: float = 1.0
-    """Train the VAE-style latent encoder E (used by `vary`); E's loss never changes G or D. On by default
-    because `vary` needs it; trained every step at batch 32 it cost about 23% of the steps (MNIST FD 5.7
-    without it vs 6.9), hence `encoder_interval`."""
+    """Train the VAE-style latent encoder E, which `vary` needs; E's loss never changes G or D, but its
+    passes cost G/D steps, hence `encoder_interval`."""
     encoder_kl_weight: float = 0.01
     encoder_interval: int = 4
-    """Train E on every this-many-th step only. E never changes G or D, so this trades E's training for G/D
-    steps: E cost ~23% of the steps when trained every step, so every 4th costs about a quarter of that;
-    in a 12 CPU-minute few-shot fit (seed 0) E's loss ended at 0.54 with 4 vs 0.50 with 1."""
+    """Train E on every this-many-th step only: trades a little of E's fit for G/D steps (measured in
+    benchmarks/RESULTS.md, fit)."""
     mode_seeking_weight: float = 0.5
     """Weight of the mode-seeking term (MSGAN, Mao et al. 2019): G is penalised when two latents of one
     class give similar images. Without it a conditional G on a small folder maps every latent of a class to
-    one image (the few-shot benchmark's grid at 10 images per class, even after 12 CPU-minutes); with 0.5 the
-    classes vary and the synthetic set helps the classifier (README, few-shot table). Costs no extra pass."""
+    one image, which barely helps a classifier (benchmarks/RESULTS.md, few-shot). Costs no extra pass."""
     class_d_weight: float = 0.0
     """Conditional runs: weight of an auxiliary classifier head on D's features (AC-GAN, Odena et al. 2017),
     trained with cross-entropy on the augmented real images only, so it learns the classes from the data
@@ -131,8 +120,8 @@ class TrainConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        if self.resolution not in RESOLUTIONS:
-            raise UserError(f"resolution must be one of {RESOLUTIONS}, got {self.resolution}")
+        if self.resolution not in MODEL_RESOLUTIONS:
+            raise UserError(f"resolution must be one of {MODEL_RESOLUTIONS}, got {self.resolution}")
         if self.fit not in FITS:
             raise UserError(f"fit must be one of {FITS}, got {self.fit!r}")
         if self.loss not in LOSSES:

@@ -13,26 +13,30 @@ the root, the subfolder names (sorted) are the classes; otherwise the set is unl
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
 import re
-import sys
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import PIL
-from PIL import Image, ImageOps
-from tqdm import tqdm
 
 from augment_gan.atomic import open_atomic, write_bytes_atomic
+from augment_gan.decode import (
+    CHANNELS,
+    FITS,
+    IMAGE_EXTENSIONS,
+    MODEL_RESOLUTIONS,
+    RESOLUTIONS,
+    ReadOptions,
+    decode_files,
+    read_image,
+    warn,
+)
 from augment_gan.errors import UserError
 
 __all__ = [
@@ -40,6 +44,7 @@ __all__ = [
     "CHANNELS",
     "FITS",
     "IMAGE_EXTENSIONS",
+    "MODEL_RESOLUTIONS",
     "RESOLUTIONS",
     "FolderScan",
     "ImageSet",
@@ -51,67 +56,9 @@ __all__ = [
     "scan_folder",
 ]
 
-# Lower-case; matched case-insensitively. GIF, WebP and TIFF contribute their first frame only.
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
-
-# The models use 32..256; 8 and 16 are accepted so tests can run on tiny arrays.
-RESOLUTIONS = (8, 16, 32, 64, 128, 256)
-FITS = ("center-crop", "pad", "resize")
-CHANNELS = ("auto", "gray", "rgb")
-
 # Bump when the decoded pixels for the same file and options would change (resampling, colour
 # handling, sidecar layout); old cache entries then simply stop matching.
 CACHE_FORMAT_VERSION = 1
-
-# Below this many files a worker pool costs more than it saves (fork + pickling ~50 ms; a small
-# PNG decodes in ~0.3 ms). Measured on the 2-core dev machine: 1,906 emoji PNGs take 0.66 s in
-# one process, 0.73 s with 2 threads (Python overhead per file holds the GIL) and 0.44 s with
-# 2 processes; 6,000 MNIST PNGs 2.2 s / 2.5 s / 1.1 s. Hence processes, not threads.
-_POOL_MIN_FILES = 32
-_POOL_CHUNK = 32
-
-
-@dataclass(frozen=True)
-class ReadOptions:
-    """How files become pixels. Part of the cache key: changing any field re-decodes.
-
-    resolution: output side length in pixels (square output), one of `RESOLUTIONS`.
-    fit: how a non-square image becomes square — "center-crop" keeps the central square (default,
-        like most GAN dataset tools), "pad" letterboxes with `background`, "resize" stretches.
-    background: RGB colour that transparent pixels are composited over and that "pad" fills with.
-    channels: "auto" = 1 channel when every decoded image is grayscale, else 3; "gray" / "rgb" force it.
-    max_pixels: images whose header claims more pixels than this are skipped unread (decompression
-        bombs). Default = Pillow's own `Image.MAX_IMAGE_PIXELS` (89,478,485 ≈ 256 MB as 24-bit RGB),
-        enforced by us per call rather than through Pillow's global warning.
-    """
-
-    resolution: int = 64
-    fit: str = "center-crop"
-    background: tuple[int, int, int] = (255, 255, 255)
-    channels: str = "auto"
-    max_pixels: int = 89_478_485
-
-    def __post_init__(self) -> None:
-        if isinstance(self.resolution, bool) or self.resolution not in RESOLUTIONS:
-            raise UserError(
-                f"resolution must be one of {', '.join(map(str, RESOLUTIONS))}, got {self.resolution!r}"
-            )
-        if self.fit not in FITS:
-            raise UserError(f"fit must be one of {', '.join(FITS)}, got {self.fit!r}")
-        if self.channels not in CHANNELS:
-            raise UserError(f"channels must be one of {', '.join(CHANNELS)}, got {self.channels!r}")
-        background = tuple(self.background)
-        if len(background) != 3 or not all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 255 for v in background
-        ):
-            raise UserError(f"background must be three integers in 0..255, got {self.background!r}")
-        # Normalise lists (e.g. from JSON) to a tuple of ints so equal options hash equally.
-        object.__setattr__(self, "background", tuple(int(v) for v in background))
-        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
-            raise UserError(f"max_pixels must be a positive integer, got {self.max_pixels!r}")
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "background": list(self.background)}
 
 
 @dataclass
@@ -241,250 +188,6 @@ def scan_folder(root: str | os.PathLike) -> FolderScan:
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoding one file.
-
-
-class _Skip(Exception):
-    """A file that cannot be decoded; the message is the one-line reason."""
-
-
-_GRAY_MODES = ("1", "L")
-_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-
-
-def _wide_to_uint8(image: Image.Image) -> Image.Image:
-    """16-bit, 32-bit integer and float grayscale -> 8-bit "L", scaled by the range the mode implies."""
-    a = np.asarray(image)
-    mode = image.mode
-    if mode.startswith("I;16") or (mode == "I" and image.format == "PNG"):
-        # 16-bit data (older Pillow opens 16-bit PNG as "I"): 65535 / 255 = 257 exactly.
-        scaled = a.astype(np.float64) / 257.0
-    elif mode == "I":
-        # 32-bit integer TIFF etc.: the mode says nothing about the range, so use the data's.
-        lo, hi = int(a.min()), int(a.max())
-        if lo >= 0 and hi <= 255:
-            scaled = a.astype(np.float64)
-        elif lo >= 0 and hi <= 65535:
-            scaled = a.astype(np.float64) / 257.0
-        else:
-            scaled = (a.astype(np.float64) - lo) * (255.0 / max(hi - lo, 1))
-    else:  # "F": floats in [0, 1] (most common), [0, 255], or anything else min-max scaled
-        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        lo, hi = float(a.min()), float(a.max())
-        if lo >= 0.0 and hi <= 1.0:
-            scaled = a * 255.0
-        elif lo >= 0.0 and hi <= 255.0:
-            scaled = a
-        else:
-            scaled = (a - lo) * (255.0 / max(hi - lo, 1e-12))
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
-
-
-def _to_gray_or_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """Any Pillow mode -> "L" (grayscale without alpha) or "RGB" (alpha composited over background)."""
-    mode = image.mode
-    if mode in _GRAY_MODES:
-        return image.convert("L")
-    if mode in _WIDE_GRAY_MODES:
-        return _wide_to_uint8(image)
-    if mode == "P":
-        image = image.convert("RGBA" if image.has_transparency_data else "RGB")
-    elif mode in ("LA", "La", "PA", "RGBa", "RGBA"):
-        image = image.convert("RGBA")
-    elif mode != "RGB":  # CMYK, YCbCr, LAB, HSV, ... (ICC profiles are not applied)
-        image = image.convert("RGB")
-    if image.mode == "RGBA":
-        canvas = Image.new("RGBA", image.size, (*background, 255))
-        image = Image.alpha_composite(canvas, image).convert("RGB")
-    return image
-
-
-def _square(image: Image.Image, options: ReadOptions) -> Image.Image:
-    """Make the image square by `options.fit`, then resize to `options.resolution`."""
-    r = options.resolution
-    w, h = image.size
-    if w != h and options.fit == "center-crop":
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        image = image.crop((left, top, left + s, top + s))
-    elif w != h and options.fit == "pad":
-        s = max(w, h)
-        bg = options.background
-        if image.mode == "L" and not bg[0] == bg[1] == bg[2]:
-            image = image.convert("RGB")  # a coloured border makes a gray image colour
-        fill = bg if image.mode == "RGB" else bg[0]
-        canvas = Image.new(image.mode, (s, s), fill)
-        canvas.paste(image, ((s - w) // 2, (s - h) // 2))
-        image = canvas
-    if image.size != (r, r):
-        # Lanczos, as NVlabs' dataset_tool uses; reducing_gap first shrinks big images by an
-        # integer factor (box filter), which is much faster and visually identical at these sizes.
-        image = image.resize((r, r), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    return image
-
-
-def _decode(path: str, size: int, options: ReadOptions) -> tuple[np.ndarray, bool, tuple[int, int, str, str]]:
-    """Decode one file -> (pixels H×W×C uint8, is_gray, (w, h, mode, format) of the source).
-
-    With channels="auto", gray images come back with C=1 and colour ones with C=3 (the folder-level
-    decision is made by the caller). Raises `_Skip` with a one-line reason on any failure.
-    """
-    if size == 0:
-        raise _Skip("empty file (0 bytes)")
-    try:
-        with open(path, "rb") as fp:
-            image = Image.open(fp)
-            w, h = image.size
-            source = (int(w), int(h), image.mode, image.format or "?")
-            if w * h > options.max_pixels:
-                raise _Skip(
-                    f"header claims {w}×{h} = {w * h:,} pixels, over the max_pixels limit of "
-                    f"{options.max_pixels:,} (possible decompression bomb)"
-                )
-            if image.format == "JPEG":
-                # Let libjpeg decode at 1/2..1/8 scale (DCT scaling) while staying >= 2× the target,
-                # so a 24-MP photo costs a fraction of a full decode before the Lanczos resize.
-                image.draft(None, (2 * options.resolution, 2 * options.resolution))
-            image.load()  # GIF/WebP/TIFF: the first frame
-            try:
-                image = ImageOps.exif_transpose(image)
-            except Exception:
-                # Malformed EXIF should not cost a good image: keep the stored orientation.
-                pass
-            image = _to_gray_or_rgb(image, options.background)
-    except _Skip:
-        raise
-    except PermissionError:
-        raise _Skip("permission denied") from None
-    except FileNotFoundError:
-        raise _Skip("file not found (removed or a dangling link)") from None
-    except Image.UnidentifiedImageError:
-        raise _Skip("not an image Pillow can identify (wrong extension or corrupt header)") from None
-    except Image.DecompressionBombError as exc:
-        raise _Skip(f"possible decompression bomb: {exc}") from None
-    except MemoryError:
-        raise _Skip("out of memory while decoding") from None
-    except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError, EOFError, struct.error...
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        if "truncated" in message.lower():
-            raise _Skip(f"truncated file ({message})") from None
-        raise _Skip(f"corrupt or unsupported image ({type(exc).__name__}: {message})") from None
-
-    image = _square(image, options)
-    if image.mode == "L":
-        pixels, gray = np.asarray(image)[:, :, None], True
-    else:
-        pixels = np.asarray(image)
-        gray = bool(np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 1], pixels[..., 2]))
-        if gray:
-            pixels = pixels[..., :1]  # content decides, so a gray scan saved as RGB stays gray
-    if options.channels == "gray" and not gray:
-        pixels = np.asarray(image.convert("L"))[:, :, None]  # ITU-R 601-2 luma
-    elif options.channels == "rgb" and gray:
-        pixels = np.repeat(pixels, 3, axis=2)
-    return np.ascontiguousarray(pixels), gray, source
-
-
-@contextlib.contextmanager
-def _own_pixel_limit() -> Iterator[None]:
-    # We check `max_pixels` ourselves from the header, per call. Pillow's global limit would warn
-    # (DecompressionBombWarning) or raise at its own threshold regardless of the caller's option, so
-    # it is lifted while we decode in this process and restored after.
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
-
-
-def read_image(path: str | os.PathLike, options: ReadOptions = ReadOptions()) -> np.ndarray:
-    """Decode one image file -> uint8 H×W×C (C=1 if the image is grayscale under channels="auto").
-
-    Raises `UserError` with a one-line reason when the file cannot be decoded.
-    """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        with _own_pixel_limit():
-            pixels, _, _ = _decode(str(path), size, options)
-    except _Skip as exc:
-        raise UserError(f"cannot decode {path}: {exc}") from None
-    return pixels
-
-
-# Worker-process state: options are sent once per worker, not once per file.
-_worker_options: ReadOptions | None = None
-
-
-def _init_worker(options: ReadOptions) -> None:
-    global _worker_options
-    _worker_options = options
-    Image.MAX_IMAGE_PIXELS = None  # this process only; see _own_pixel_limit
-
-
-def _decode_in_worker(job: tuple[str, int]):
-    path, size = job
-    try:
-        return _decode(path, size, _worker_options)
-    except _Skip as exc:
-        return str(exc)
-
-
-def _decode_in_process(job: tuple[str, int], options: ReadOptions):
-    path, size = job
-    try:
-        return _decode(path, size, options)
-    except _Skip as exc:
-        return str(exc)
-
-
-def _default_workers() -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, 8))
-
-
-def _decode_all(scan: FolderScan, options: ReadOptions, workers: int | None, progress: bool) -> list:
-    """Decode every candidate; returns, aligned with scan.files, a result tuple or a skip reason."""
-    jobs = [(str(scan.root / f), size) for f, (size, _) in zip(scan.files, scan.stats)]
-    workers = _default_workers() if workers is None else max(1, int(workers))
-    bar = tqdm(total=len(jobs), desc=f"decoding {scan.root.name}", unit="img", file=sys.stderr,
-               disable=not progress, leave=False, dynamic_ncols=True)
-    results: list = []
-    try:
-        if workers > 1 and len(jobs) >= _POOL_MIN_FILES:
-            try:
-                with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(options,)) as pool:
-                    for result in pool.map(_decode_in_worker, jobs, chunksize=_POOL_CHUNK):
-                        results.append(result)
-                        bar.update()
-            except BrokenProcessPool:
-                # E.g. a spawn-start platform and a script without `if __name__ == "__main__":`.
-                # Decoding in this process is slower but gives the same pixels.
-                _warn("worker processes failed to start; decoding in one process")
-                bar.reset()
-                results = []
-        if len(results) < len(jobs):
-            with _own_pixel_limit():
-                for job in jobs:
-                    results.append(_decode_in_process(job, options))
-                    bar.update()
-    finally:
-        bar.close()
-    return results
-
-
-def _warn(message: str) -> None:
-    tqdm.write(f"warning: {message}", file=sys.stderr)
-
-
-# ---------------------------------------------------------------------------------------------
 # The cache.
 
 
@@ -557,7 +260,7 @@ def _save_cached(dataset: ImageSet, options: ReadOptions, cache_dir: Path, stem:
             np.save(fp, np.ascontiguousarray(dataset.images), allow_pickle=False)
         write_bytes_atomic(sidecar, json.dumps(meta).encode(), durable=False)
     except OSError as exc:
-        _warn(f"could not write the cache in {cache_dir} ({exc.strerror or exc}); continuing without it")
+        warn(f"could not write the cache in {cache_dir} ({exc.strerror or exc}); continuing without it")
         return None
     # Older entries for the same folder and options are stale now (the contents changed).
     for old in cache_dir.glob(f"{prefix}-*"):
@@ -630,7 +333,7 @@ def _load(root, options: ReadOptions, cache_dir, use_cache: bool, workers, progr
         hit = _load_cached(cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json", scan)
         if hit is not None:
             return hit
-    dataset = _build(scan, options, _decode_all(scan, options, workers, progress))
+    dataset = _build(scan, options, decode_files(scan.root, scan.files, [size for size, _ in scan.stats], options, workers, progress))
     if not len(dataset):
         raise _no_images_error(scan, dataset.skipped)
     if use_cache:
@@ -660,11 +363,11 @@ def load_folder(
     """
     dataset = _load(root, options, cache_dir, use_cache, workers, progress)
     for rel, reason in dataset.skipped:
-        _warn(f"skipped {rel}: {reason}")
+        warn(f"skipped {rel}: {reason}")
     if dataset.skipped:
-        _warn(f"skipped {len(dataset.skipped)} of {len(dataset.skipped) + len(dataset)} files in {dataset.root}")
+        warn(f"skipped {len(dataset.skipped)} of {len(dataset.skipped) + len(dataset)} files in {dataset.root}")
     if dataset.layout == "mixed":
-        _warn(f"{dataset.root} has images both at the top level and in subfolders; treating it as unlabeled")
+        warn(f"{dataset.root} has images both at the top level and in subfolders; treating it as unlabeled")
     return dataset
 
 

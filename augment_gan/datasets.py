@@ -1,8 +1,13 @@
-"""Torchvision-facing datasets: synthetic images from disk or from a generator, mixed with real ones.
+"""Torchvision-facing datasets of synthetic images, from disk or from a generator.
 
 Every dataset here returns `(PIL image, int label)` like `torchvision.datasets.ImageFolder`, so the
 user's `transform=` (a torchvision transform or an augment-gan `Recipe`) works unchanged. None of them
-augments anything itself.
+augments anything itself. Mixing them with real data (`MixedDataset`, `MixedSampler`,
+`DistributedMixedSampler`) lives in `augment_gan.mixing`; those names import from here too.
+
+Sizes. A synthetic image has the generator's resolution (32 px and up), which need not be the real
+images' (28 px MNIST). `size=` resizes every image before `transform`; `MixedDataset` sets it to the
+real images' size by itself when the two differ, so one batch holds one size.
 
 Labels. A synthetic set is aligned to a real `ImageFolder` by class *name*: pass
 `class_to_idx=real.class_to_idx`. A synthetic class the real set lacks is an error (its label would be
@@ -13,21 +18,33 @@ cannot be aligned to classes.
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from augment_gan.errors import UserError
+from augment_gan.manifest import MANIFEST, read_manifest
 
 UNLABELED = -1
 """Label of images from an unconditional generator."""
+
+_MIXING = ("MixedDataset", "MixedSampler", "DistributedMixedSampler")
+
+
+def __getattr__(name: str) -> Any:
+    # `from augment_gan.datasets import MixedDataset` keeps working; imported lazily because
+    # augment_gan.mixing itself imports this module.
+    if name in _MIXING:
+        from augment_gan import mixing
+
+        return getattr(mixing, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_loader(path: str | Path) -> Image.Image:
@@ -74,38 +91,22 @@ def _align_classes(own: list[str], class_to_idx: dict[str, int] | None, present:
 # ----------------------------------------------------------------------------------------------------------
 # Synthetic images on disk.
 
-MANIFEST_KEYS = ("file", "class", "label", "kept")
+def as_size(size: Any) -> tuple[int, int] | None:
+    """A `size=` argument as (height, width): an int is a square side, as in torchvision's `Resize`."""
+    if size is None:
+        return None
+    pair = (size, size) if isinstance(size, (int, np.integer)) else size
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in pair):
+        raise UserError(f"size must be a positive integer or (height, width), got {size!r}")
+    return int(pair[0]), int(pair[1])
 
 
-def _read_manifest(path: Path) -> list[dict[str, Any]]:
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object")
-            missing = [k for k in MANIFEST_KEYS if k not in record]
-            if missing:
-                raise UserError(f"{path}:{number}: missing key(s) {', '.join(missing)}")
-            file = record["file"]
-            if file is None and record["kept"] is False:
-                # A candidate synth's filters rejected (--keep-top/--dedup): decided, never written.
-                record["_line"] = number
-                records.append(record)
-                continue
-            # Manifest paths must stay inside the folder: a manifest is data, not a way to read other files.
-            if not isinstance(file, str) or not file or PurePosixPath(file).is_absolute() \
-                    or ".." in PurePosixPath(file).parts or "\\" in file:
-                raise UserError(f"{path}:{number}: 'file' must be a relative path inside the folder, got {file!r}")
-            record["_line"] = number
-            records.append(record)
-    return records
-
+def _resize(image: Image.Image, size: tuple[int, int] | None) -> Image.Image:
+    """Resize to (height, width), with the Lanczos filter the folder reader (augment_gan.data) uses."""
+    if size is None or image.size == (size[1], size[0]):
+        return image
+    return image.resize((size[1], size[0]), Image.Resampling.LANCZOS)
 
 
 def _transformed(image, target, transform, target_transform):
@@ -117,12 +118,13 @@ def _transformed(image, target, transform, target_transform):
     return image, target
 
 class SyntheticImageFolder(Dataset):
-    """Images written by `augment-gan synth`, read through its `manifest.jsonl`.
+    """Images written by `augment-gan synth` (or `vary`), read through its manifest (`augment_gan.manifest`).
 
     Only images marked `kept: true` that exist on disk are used (filtered and deleted files are skipped,
     with a warning for the deleted ones). Labels follow `class_to_idx` (normally the real
     `ImageFolder`'s), matched by class name; without it they follow the checkpoint's class order, which
     for a generator trained on that folder is the same as ImageFolder's. Unconditional sets have label -1.
+    `size` (an int or (height, width)) resizes every image before `transform`; None keeps the files' size.
 
     Attributes mirror ImageFolder: `root`, `classes`, `class_to_idx`, `samples` (list of (path, label)),
     `targets`, `imgs`; plus `records`, the manifest entry of each sample.
@@ -130,15 +132,15 @@ class SyntheticImageFolder(Dataset):
 
     def __init__(self, path: str | os.PathLike, transform: Callable | None = None,
                  class_to_idx: dict[str, int] | None = None, *, target_transform: Callable | None = None,
-                 loader: Callable[[str], Any] = default_loader):
+                 loader: Callable[[str], Any] = default_loader, size: int | tuple[int, int] | None = None):
         root = Path(path)
         if not root.is_dir():
             raise UserError(f"synthetic folder not found: {root}")
-        manifest = root / "manifest.jsonl"
+        manifest = root / MANIFEST
         if not manifest.is_file():
-            raise UserError(f"{root} has no manifest.jsonl, so it was not written by `augment-gan synth` "
+            raise UserError(f"{root} has no {MANIFEST}, so it was not written by `augment-gan synth` "
                             "(for a plain folder of images use torchvision's ImageFolder)")
-        records = _read_manifest(manifest)
+        records = [{**row.to_dict(), "_line": row.line} for row in read_manifest(manifest)]
         info = {}
         if (root / "synth.json").is_file():
             try:
@@ -174,6 +176,7 @@ class SyntheticImageFolder(Dataset):
         self.transform = transform
         self.target_transform = target_transform
         self.loader = loader
+        self.size = as_size(size)
         self.records = usable
         self.samples = [(str(root / r["file"]), self.class_to_idx[r["class"]] if conditional else UNLABELED)
                         for r in usable]
@@ -185,7 +188,7 @@ class SyntheticImageFolder(Dataset):
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
-        return _transformed(self.loader(path), target, self.transform, self.target_transform)
+        return _transformed(_resize(self.loader(path), self.size), target, self.transform, self.target_transform)
 
     def __repr__(self) -> str:
         return f"SyntheticImageFolder({str(self.root)!r}, {len(self)} images, {len(self.classes)} classes)"
@@ -206,6 +209,7 @@ class GeneratorDataset(Dataset):
     list of n class names / checkpoint class indices. Unconditional generators give label -1.
     `class_to_idx` aligns labels to a real ImageFolder as in `SyntheticImageFolder`. `mode` is the PIL
     mode of the returned images ("RGB" like ImageFolder, "L", or None for the generator's own channels).
+    `size` (an int or (height, width)) resizes every image before `transform`; None keeps the resolution.
     `device="cuda"` with DataLoader workers needs `multiprocessing_context="spawn"`.
     """
 
@@ -213,7 +217,7 @@ class GeneratorDataset(Dataset):
                  labels: None | str | Sequence[int | str] = None, truncation: float = 1.0,
                  transform: Callable | None = None, batch_size: int = 64, device: str = "cpu",
                  class_to_idx: dict[str, int] | None = None, mode: str | None = "RGB",
-                 target_transform: Callable | None = None):
+                 target_transform: Callable | None = None, size: int | tuple[int, int] | None = None):
         from augment_gan.checkpoint import load_checkpoint, resolve_checkpoint
 
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -230,6 +234,7 @@ class GeneratorDataset(Dataset):
         self.n, self.seed, self.truncation = n, int(seed), float(truncation)
         self.batch_size, self.device, self.mode = batch_size, device, mode
         self.transform, self.target_transform = transform, target_transform
+        self.size = as_size(size)
         self.channels, self.resolution = ckpt.channels, ckpt.resolution
         own = list(ckpt.classes) if ckpt.num_classes else []
         self.gen_labels = self._labels(labels, own)  # checkpoint class index per item, or None
@@ -312,174 +317,7 @@ class GeneratorDataset(Dataset):
         image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
         if self.mode is not None and image.mode != self.mode:
             image = image.convert(self.mode)
-        return _transformed(image, self.targets[index], self.transform, self.target_transform)
+        return _transformed(_resize(image, self.size), self.targets[index], self.transform, self.target_transform)
 
     def __repr__(self) -> str:
         return f"GeneratorDataset({str(self.path)!r}, n={self.n}, seed={self.seed})"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Mixing real and synthetic data.
-
-def _class_to_idx(dataset) -> dict[str, int] | None:
-    while dataset is not None:  # look through torch.utils.data.Subset
-        mapping = getattr(dataset, "class_to_idx", None)
-        if mapping is not None:
-            return mapping
-        dataset = getattr(dataset, "dataset", None)
-    return None
-
-
-class MixedDataset(Dataset):
-    """Real and synthetic datasets side by side, to be read through `MixedSampler` (or its DDP variant).
-
-    Indices `0 .. len(real)-1` are real samples, the next `len(synthetic)` synthetic ones. The sampler,
-    not the dataset size, sets the proportion: `ratio` is the share of synthetic samples in every epoch
-    and every batch, whatever the two sets' sizes (a plain shuffling DataLoader would instead use the
-    sets' natural proportion). Both sets must number their classes the same way.
-    """
-
-    def __init__(self, real: Dataset, synthetic: Dataset | None, ratio: float):
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-            raise UserError(f"ratio must be in [0, 1), got {ratio!r}")
-        n_real, n_synthetic = len(real), (0 if synthetic is None else len(synthetic))
-        if n_real == 0:
-            raise UserError("the real dataset is empty")
-        if ratio > 0 and n_synthetic == 0:
-            raise UserError(f"ratio is {ratio} but the synthetic dataset is empty")
-        real_map, synthetic_map = _class_to_idx(real), _class_to_idx(synthetic)
-        if real_map and synthetic_map is not None and synthetic_map != real_map:
-            if not synthetic_map:
-                raise UserError("the synthetic set is unlabeled (unconditional generator) but the real set "
-                                f"has {len(real_map)} classes")
-            raise UserError("real and synthetic datasets number their classes differently "
-                            f"(real {real_map}, synthetic {synthetic_map}); "
-                            "pass class_to_idx=real.class_to_idx when creating the synthetic dataset")
-        self.real, self.synthetic, self.ratio = real, synthetic, float(ratio)
-        self.n_real, self.n_synthetic = n_real, n_synthetic
-        self.class_to_idx = real_map
-        self.classes = getattr(real, "classes", None)
-
-    @property
-    def synthetic_per_epoch(self) -> int:
-        """round(ratio / (1 - ratio) × len(real)): an epoch shows every real image once plus this many synthetic."""
-        return round(self.ratio / (1 - self.ratio) * self.n_real)
-
-    def is_synthetic(self, index: int) -> bool:
-        return index >= self.n_real
-
-    def __len__(self) -> int:
-        return self.n_real + self.n_synthetic
-
-    def __getitem__(self, index: int):
-        if index < 0 or index >= len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} samples")
-        if index < self.n_real:
-            return self.real[index]
-        return self.synthetic[index - self.n_real]
-
-
-def _generator(*entropy: int) -> torch.Generator:
-    seed = int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator().manual_seed(seed)
-
-
-def _synthetic_stream(n_synthetic: int, start: int, count: int, seed: int) -> torch.Tensor:
-    """Items start .. start+count-1 of an endless sequence of shuffled passes over the synthetic set.
-
-    Successive epochs continue the sequence, so a synthetic set larger than one epoch's share is used in
-    full before any image repeats, and a smaller one repeats evenly.
-    """
-    if count == 0:
-        return torch.zeros(0, dtype=torch.long)
-    first, last = start // n_synthetic, (start + count - 1) // n_synthetic
-    passes = torch.cat([torch.randperm(n_synthetic, generator=_generator(seed, 1, p)) for p in range(first, last + 1)])
-    offset = start - first * n_synthetic
-    return passes[offset: offset + count]
-
-
-def _interleave(real: torch.Tensor, synthetic: torch.Tensor) -> list[int]:
-    """Spread the synthetic indices evenly among the real ones, so that any run of k consecutive indices
-    (a batch) holds k × share synthetic ones, ±1."""
-    n_r, n_s = len(real), len(synthetic)
-    total = n_r + n_s
-    j = torch.arange(total)
-    is_synthetic = ((j + 1) * n_s // total) > (j * n_s // total)
-    order = torch.empty(total, dtype=torch.long)
-    order[is_synthetic] = synthetic
-    order[~is_synthetic] = real
-    return order.tolist()
-
-
-def _pad(indices: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Repeat from the start so the length divides evenly among ranks (as DistributedSampler does)."""
-    extra = (-len(indices)) % multiple
-    if extra == 0 or len(indices) == 0:
-        return indices
-    return torch.cat([indices, indices.repeat(math.ceil(extra / len(indices)))[:extra]])
-
-
-class MixedSampler(Sampler[int]):
-    """Sample a `MixedDataset` so every epoch and every batch holds the recipe's real:synthetic share.
-
-    One epoch = every real image once (shuffled) + `dataset.synthetic_per_epoch` synthetic images, spread
-    evenly through the epoch: a batch of B holds B × ratio synthetic samples, ±1. Synthetic images are
-    drawn without replacement, continuing across epochs. The order is a function of (seed, epoch); the
-    epoch advances by itself on each pass, or set it with `set_epoch`.
-    """
-
-    def __init__(self, dataset: MixedDataset, *, seed: int = 0):
-        if not isinstance(dataset, MixedDataset):
-            raise UserError(f"MixedSampler needs a MixedDataset, got {type(dataset).__name__}")
-        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def _order(self, epoch: int, rank: int = 0, world: int = 1) -> list[int]:
-        ds = self.dataset
-        per_epoch = ds.synthetic_per_epoch
-        real = _pad(torch.randperm(ds.n_real, generator=_generator(self.seed, 0, epoch)), world)[rank::world]
-        synthetic = _pad(_synthetic_stream(ds.n_synthetic, epoch * per_epoch, per_epoch, self.seed), world)[rank::world]
-        return _interleave(real, synthetic + ds.n_real)
-
-    def __iter__(self):
-        order = self._order(self.epoch)
-        self.epoch += 1
-        return iter(order)
-
-    def __len__(self) -> int:
-        return self.dataset.n_real + self.dataset.synthetic_per_epoch
-
-
-class DistributedMixedSampler(MixedSampler):
-    """`MixedSampler` for DistributedDataParallel: each of `num_replicas` ranks gets its own share.
-
-    All ranks build the same epoch from (seed, epoch) and take disjoint slices of the real and the
-    synthetic indices, so every rank's batches hold the same real:synthetic share. Like
-    `DistributedSampler`, the epoch is padded (by repeating a few indices) to divide evenly; call
-    `set_epoch(epoch)` at the start of each epoch on every rank (it also advances by itself).
-    """
-
-    def __init__(self, dataset: MixedDataset, *, num_replicas: int | None = None, rank: int | None = None,
-                 seed: int = 0):
-        super().__init__(dataset, seed=seed)
-        if num_replicas is None or rank is None:
-            import torch.distributed as dist
-
-            if not (dist.is_available() and dist.is_initialized()):
-                raise UserError("pass num_replicas and rank, or initialise torch.distributed first")
-            num_replicas = dist.get_world_size() if num_replicas is None else num_replicas
-            rank = dist.get_rank() if rank is None else rank
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise UserError(f"rank must be in [0, {num_replicas}), got {rank}")
-        self.num_replicas, self.rank = int(num_replicas), int(rank)
-
-    def __iter__(self):
-        order = self._order(self.epoch, self.rank, self.num_replicas)
-        self.epoch += 1
-        return iter(order)
-
-    def __len__(self) -> int:
-        return (math.ceil(self.dataset.n_real / self.num_replicas)
-                + math.ceil(self.dataset.synthetic_per_epoch / self.num_replicas))

@@ -32,3 +32,15 @@ def resolve_device(name: str = "auto") -> "torch.device":
     if name == "cpu":
         return torch.device("cpu")
     raise UserError(f"unknown device {name!r}; choose one of {', '.join(DEVICE_CHOICES)} or cuda:N")
+
+
+def pick_device(name: str = "auto") -> "torch.device":
+    """`resolve_device`, and under torchrun (WORLD_SIZE > 1) a bare `cuda` becomes this rank's GPU (LOCAL_RANK)."""
+    import os
+
+    import torch
+
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device

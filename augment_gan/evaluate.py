@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from augment_gan.atomic import write_bytes_atomic
+from augment_gan.data import RESOLUTIONS
 from augment_gan.errors import UserError
 
-FEATURE_KINDS = ("auto", "classifier", "random", "inception")
+FEATURE_KINDS = ("auto", "classifier", "random", "inception", "pixels")
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,8 @@ class EvaluateConfig:
 
     features: str = "auto"
     """auto (classifier when the real folder is labeled, else random), classifier, random, inception,
-    or a path to FID Inception weights (same as inception + `inception_weights`)."""
+    pixels (16×16 area-downsampled images, synth --dedup's space), or a path to FID Inception weights
+    (same as inception + `inception_weights`)."""
     inception_weights: str | None = None
     resolution: int | None = None
     """Side length both folders are read at; None: 32 when the synthetic images are at most 32 px, else 64."""
@@ -67,8 +69,8 @@ class EvaluateConfig:
                             f"file, got {self.features!r}")
         if self.features == "inception" and not self.inception_weights:
             raise UserError("--features inception needs --inception-weights PATH (nothing is downloaded)")
-        if self.resolution is not None and self.resolution not in (8, 16, 32, 64, 128, 256):
-            raise UserError(f"--resolution must be one of 8, 16, 32, 64, 128, 256, got {self.resolution}")
+        if self.resolution is not None and self.resolution not in RESOLUTIONS:
+            raise UserError(f"--resolution must be one of {', '.join(map(str, RESOLUTIONS))}, got {self.resolution}")
         for name in ("feature_steps", "seeds", "steps", "probe_steps", "k", "max_samples", "kid_subsets"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -112,18 +114,12 @@ def default_resolution(synthetic: str | Path) -> int:
 
 def _drop_rejected(images, root: Path):
     """Remove images that a `synth` manifest marks `kept: false` (filtered samples left on disk)."""
-    manifest = root / "manifest.jsonl"
+    from augment_gan.manifest import MANIFEST, read_manifest
+
+    manifest = root / MANIFEST
     if not manifest.is_file():
         return images
-    rejected = set()
-    for line in manifest.read_text().splitlines():
-        if line.strip():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{manifest} is not valid JSON lines") from None
-            if entry.get("kept") is False:
-                rejected.add(entry.get("file"))
+    rejected = {row.file for row in read_manifest(manifest) if row.kept is False and row.file is not None}
     if not rejected:
         return images
     keep = np.array([f not in rejected for f in images.files])
@@ -163,21 +159,23 @@ def align_labels(real_classes: list[str], other, what: str) -> np.ndarray:
 
 def build_extractor(config: EvaluateConfig, real_set, log: Callable[[str], None]):
     """The feature extractor `config.features` names, built offline (never downloads anything)."""
-    from augment_gan import metrics
+    from augment_gan import features
 
     kind = config.features
     if kind not in FEATURE_KINDS:  # a weights file
-        return metrics.inception_extractor(kind, device=config.device)
+        return features.inception_extractor(kind, device=config.device)
     if kind == "inception":
-        return metrics.inception_extractor(config.inception_weights, device=config.device)
+        return features.inception_extractor(config.inception_weights, device=config.device)
+    if kind == "pixels":
+        return features.pixel_extractor(channels=real_set.channels, device=config.device)
     labeled = real_set.labels is not None and len(real_set.classes) >= 2
     if kind == "classifier" and not labeled:
         raise UserError("--features classifier needs a real folder with at least two class subfolders")
     if kind == "classifier" or (kind == "auto" and labeled):
         log(f"training the feature classifier on {len(real_set)} real images ({config.feature_steps} steps)")
-        return metrics.classifier_extractor(np.asarray(real_set.images), real_set.labels,
+        return features.classifier_extractor(np.asarray(real_set.images), real_set.labels,
                                             steps=config.feature_steps, seed=config.seed, device=config.device)
-    return metrics.random_extractor(real_set.channels, seed=config.seed, device=config.device)
+    return features.random_extractor(real_set.channels, seed=config.seed, device=config.device)
 
 
 def normalise_features(real: np.ndarray, fake: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -295,24 +293,16 @@ def probe(run: str | Path, real_dir: str | Path, config: EvaluateConfig, *, cach
     from augment_gan.checkpoint import load_checkpoint
     from augment_gan.classifier import stratified_split
     from augment_gan.data import ReadOptions, load_folder
+    from augment_gan.features import discriminator_extractor
     from augment_gan.metrics import linear_probe
     from augment_gan.models import build_networks
-    from augment_gan.pixels import hwc_to_nchw, to_float
 
     ckpt = load_checkpoint(run)
-    options = ReadOptions(resolution=ckpt.resolution, fit=ckpt.config.fit, background=ckpt.config.background,
-                          channels="gray" if ckpt.channels == 1 else "rgb")
-    data = load_folder(real_dir, options, cache_dir=cache_dir, progress=False)
+    data = load_folder(real_dir, ReadOptions.from_checkpoint(ckpt), cache_dir=cache_dir, progress=False)
     if data.labels is None or len(data.classes) < 2:
         raise UserError("--probe needs a real folder with at least two class subfolders")
     images, labels = np.asarray(data.images), np.asarray(data.labels)
     tr, te = stratified_split(labels, config.test_fraction, config.seed)
-
-    def embed(D) -> np.ndarray:
-        D = D.to(config.device).eval()
-        with torch.inference_mode():
-            return torch.cat([D.features(to_float(hwc_to_nchw(images[s:s + 256])).to(config.device)).float().cpu()
-                              for s in range(0, len(images), 256)]).numpy()
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -320,7 +310,7 @@ def probe(run: str | Path, real_dir: str | Path, config: EvaluateConfig, *, cach
     result = {"checkpoint": str(ckpt.path), "digest": ckpt.digest, "n_train": len(tr), "n_test": len(te),
               "classes": len(data.classes)}
     for name, D in (("trained_d", ckpt.D), ("random_d", random_d)):
-        f = embed(D)
+        f = discriminator_extractor(D, name=name, device=config.device)(images)
         result[name] = linear_probe(f[tr], labels[tr], f[te], labels[te], steps=config.probe_steps, seed=config.seed)
         log(f"probe {name.replace('_', ' ')}: {result[name]:.1%}")
     result["feature_dim"] = int(f.shape[1])

@@ -31,40 +31,18 @@ from PIL import Image
 from augment_gan import __version__
 from augment_gan.atomic import write_bytes_atomic
 from augment_gan.errors import UserError
+from augment_gan.outputs import check_out_folder, class_folder, clear_outputs, inside, write_json
 
-# What `overwrite` may delete: only names this module writes.
+SETTINGS = "merge.json"
+LOG = "merge.jsonl"
 _OUTPUT_NAME = re.compile(r"^(real|synth)-\d{6,}-\d+\.png$")
 _REAL, _SYNTHETIC = 0, 1
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
-def _check_out(out: Path, overwrite: bool) -> bool:
-    """Refuse an unusable OUT before any work; returns True when a previous merge must be cleared."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    if not (out.is_dir() and any(out.iterdir())):
-        return False
-    if not overwrite:
-        raise UserError(f"{out} is not empty; pass --overwrite to replace a previous merge there")
-    if not (out / "merge.json").is_file():
-        raise UserError(f"{out} is not empty and holds no merge.json, so it is not a previous merge output; "
-                        "refusing to delete anything there (choose another --out)")
-    return True
-
-
-def _clear_out(out: Path) -> None:
-    """Delete a previous merge: only names this module writes; anything else the user put there stays."""
-    for folder in [out, *(p for p in out.iterdir() if p.is_dir() and not p.is_symlink())]:
-        for file in folder.iterdir():
-            if _OUTPUT_NAME.match(file.name) and (file.is_file() or file.is_symlink()):
-                file.unlink()
-        if folder != out and not any(folder.iterdir()):
-            folder.rmdir()
-    for name in ("merge.json", "merge.jsonl"):
-        (out / name).unlink(missing_ok=True)
+def _merge_owned(rel: str) -> bool:
+    """A file name merge writes: what `overwrite` may delete; anything else the user put there stays."""
+    folder, _, name = rel.rpartition("/")
+    return bool(_OUTPUT_NAME.match(name)) or (not folder and name in (SETTINGS, LOG))
 
 
 def _seed(seed: int, kind: int, index: int, copy: int) -> int:
@@ -77,6 +55,41 @@ def _png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _synthetic_plan(synth_set: Any, real_per_group: dict[str | None, int], ratio: float, seed: int
+                    ) -> tuple[list[tuple[int, int, int, str, str | None]], int]:
+    """The synthetic outputs: (plan entries as in `merge_folders`, their number).
+
+    Per class, so the merged folder keeps the real class balance: each class gets ratio/(1-ratio)
+    synthetic images per real output, from its own synthetic images (largest-remainder rounding makes the
+    total exactly round(ratio/(1-ratio) × real outputs of the classes that have some).
+    """
+    plan = []
+    groups: dict[str | None, list[int]] = {}
+    for s, record in enumerate(synth_set.records):
+        groups.setdefault(record["class"], []).append(s)
+    names = [g for g in real_per_group if g in groups]
+    want = np.array([ratio / (1 - ratio) * real_per_group[g] for g in names])
+    n_synth_out = round(float(want.sum()))
+    share = np.floor(want).astype(int)
+    for g in np.argsort(-(want - share), kind="stable")[: n_synth_out - int(share.sum())]:
+        share[g] += 1
+    for g, count in zip(names, share):
+        members = groups[g]
+        rng = np.random.default_rng(np.random.SeedSequence([seed, _SYNTHETIC, names.index(g)]))
+        passes = -(-int(count) // len(members))
+        stream = np.concatenate([rng.permutation(len(members)) for _ in range(passes)])[:count]
+        if passes > 1:
+            where = f"class {g}: " if g is not None else ""
+            print(f"{where}{len(members)} synthetic images for {count} outputs; reusing some with different "
+                  "augmentations", file=sys.stderr)
+        for j, m in enumerate(stream):
+            s = members[m]
+            record = synth_set.records[s]
+            name = f"synth-{int(record['index']):06d}-{j // len(members)}.png"
+            plan.append((_SYNTHETIC, s, j // len(members), f"{g}/{name}" if g else name, g))
+    return plan, n_synth_out
 
 
 def merge_folders(real: str | os.PathLike, synthetic: str | os.PathLike | None, out: str | os.PathLike,
@@ -104,9 +117,9 @@ def merge_folders(real: str | os.PathLike, synthetic: str | os.PathLike | None, 
     real_root, out = Path(real).expanduser().resolve(), Path(out).expanduser().resolve()
     synth_root = Path(synthetic).expanduser().resolve() if synthetic is not None else None
     for name, source in (("--real", real_root), ("--synthetic", synth_root)):
-        if source is not None and (_inside(out, source) or _inside(source, out)):
+        if source is not None and (inside(out, source) or inside(source, out)):
             raise UserError(f"--out {out} and {name} {source} must not contain each other")
-    clear = _check_out(out, overwrite)
+    _, clear = check_out_folder(out, SETTINGS, overwrite=overwrite)  # merge never resumes: it replaces
 
     real_recipe = load_recipe(recipe, part="real")
     synth_recipe = load_recipe(recipe, part="synthetic")
@@ -158,38 +171,14 @@ def merge_folders(real: str | os.PathLike, synthetic: str | os.PathLike | None, 
         for k in range(copies):
             name = f"real-{i:06d}-{k}.png"
             plan.append((_REAL, i, k, f"{cls}/{name}" if cls else name, cls))
-    n_synth_out = 0
-    if ratio:
-        # Per class, so the merged folder keeps the real class balance: each class gets ratio/(1-ratio)
-        # synthetic images per real output, from its own synthetic images (largest-remainder rounding
-        # makes the total exactly round(ratio/(1-ratio) × real outputs of the classes that have some).
-        groups: dict[str | None, list[int]] = {}
-        for s, record in enumerate(synth_set.records):
-            groups.setdefault(record["class"], []).append(s)
-        names = [g for g in real_per_group if g in groups]
-        want = np.array([ratio / (1 - ratio) * real_per_group[g] for g in names])
-        n_synth_out = round(float(want.sum()))
-        share = np.floor(want).astype(int)
-        for g in np.argsort(-(want - share), kind="stable")[: n_synth_out - int(share.sum())]:
-            share[g] += 1
-        for g, count in zip(names, share):
-            members = groups[g]
-            rng = np.random.default_rng(np.random.SeedSequence([seed, _SYNTHETIC, names.index(g)]))
-            passes = -(-int(count) // len(members))
-            stream = np.concatenate([rng.permutation(len(members)) for _ in range(passes)])[:count]
-            if passes > 1:
-                where = f"class {g}: " if g is not None else ""
-                print(f"{where}{len(members)} synthetic images for {count} outputs; reusing some with different "
-                      "augmentations", file=sys.stderr)
-            for j, m in enumerate(stream):
-                s = members[m]
-                record = synth_set.records[s]
-                name = f"synth-{int(record['index']):06d}-{j // len(members)}.png"
-                plan.append((_SYNTHETIC, s, j // len(members), f"{g}/{name}" if g else name, g))
+    synth_plan, n_synth_out = _synthetic_plan(synth_set, real_per_group, ratio, seed) if ratio else ([], 0)
+    plan += synth_plan
 
     if clear:
-        _clear_out(out)
+        clear_outputs(out, _merge_owned)
     out.mkdir(parents=True, exist_ok=True)
+    for cls in sorted({cls for *_, cls in plan if cls is not None}):
+        class_folder(out, cls)
     summary: dict[str, Any] = {
         "augment_gan_version": __version__, "complete": False,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -199,16 +188,12 @@ def merge_folders(real: str | os.PathLike, synthetic: str | os.PathLike | None, 
         "read_options": options.to_dict(), "channels": real_set.channels,
         "classes": list(real_set.classes),
     }
-    write_bytes_atomic(out / "merge.json", (json.dumps(summary, indent=2) + "\n").encode(), durable=True)
+    write_json(out / SETTINGS, summary)
 
     lines = []
     counts: dict[str, dict[str, int]] = {}
     for kind, index, copy, rel, cls in tqdm(plan, desc="merge", unit="img", disable=not progress, file=sys.stderr):
         target = out / rel
-        if cls is not None:
-            target.parent.mkdir(exist_ok=True)
-            if target.parent.is_symlink() or target.parent.resolve().parent != out:
-                raise UserError(f"refusing to write through {target.parent}: not a plain folder inside {out}")
         aug_seed = _seed(seed, kind, index, copy)
         if kind == _REAL:
             pixels, recipe_part, origin = np.array(real_set.images[index]), real_recipe, real_set.files[index]
@@ -224,11 +209,11 @@ def merge_folders(real: str | os.PathLike, synthetic: str | os.PathLike | None, 
         per = counts.setdefault(cls if cls is not None else "", {"real": 0, "synthetic": 0})
         per[source] += 1
 
-    write_bytes_atomic(out / "merge.jsonl", ("\n".join(lines) + "\n").encode() if lines else b"", durable=True)
+    write_bytes_atomic(out / LOG, ("\n".join(lines) + "\n").encode() if lines else b"", durable=True)
     summary.update(complete=True, counts={
         "real_images": len(real_set), "real": n_real_out, "synthetic": n_synth_out,
         "synthetic_available": len(synth_set) if synth_set is not None else 0,
         "total": n_real_out + n_synth_out, "per_class": counts,
     })
-    write_bytes_atomic(out / "merge.json", (json.dumps(summary, indent=2) + "\n").encode(), durable=True)
+    write_json(out / SETTINGS, summary)
     return summary

@@ -1,5 +1,6 @@
-"""Sample-quality metrics on feature arrays (FD, KID, precision/recall, density/coverage, memorisation)
-and the feature extractors that produce those arrays from uint8 images.
+"""Sample-quality metrics on feature arrays (FD, KID, precision/recall, density/coverage, memorisation).
+
+The arrays come from the extractors in `augment_gan.features` (one interface for every feature space).
 
 The metric functions are pure: they take two float arrays N×F (real, synthetic) and return numbers.
 Which network made the features changes every number, so each extractor carries a `name` that callers
@@ -8,10 +9,9 @@ comparable to published FID/KID.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -173,7 +173,73 @@ def precision_recall_density_coverage(real: np.ndarray, fake: np.ndarray, *, k: 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Memorisation.
+# Memorisation: the nearest real neighbour, shared by `evaluate` and `synth --dedup`.
+
+
+def is_copy(distance, threshold: float):
+    """The one rule for "this sample copies a real one": its distance to the nearest real sample <= threshold.
+
+    `<=` rather than `<`: when the real set holds exact duplicates its percentile threshold is 0, and `<`
+    would then flag nothing, not even pixel-exact copies; `<=` flags exactly those. For any other threshold
+    the two differ only on an exact tie. Works on floats, numpy arrays and tensors.
+    """
+    return distance <= threshold
+
+
+def nearest_neighbours(query: torch.Tensor, base: torch.Tensor, *, exclude: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distance, index) of each query row's nearest base row (Euclidean), float M and int64 M.
+
+    `exclude[i]`: a base row query i may not match (itself, when the query rows are base rows). Squared
+    distances by matmul find the neighbour fast; the distance itself is then recomputed exactly, so an exact
+    copy measures 0 rather than matmul round-off (which `is_copy` with a threshold of 0 relies on).
+    """
+    dist, idx = torch.empty(len(query)), torch.empty(len(query), dtype=torch.long)
+    sq_base = (base ** 2).sum(1)
+    for start in range(0, len(query), _CHUNK):
+        q = query[start:start + _CHUNK]
+        d2 = (q ** 2).sum(1, keepdim=True) - 2 * q @ base.T + sq_base[None]
+        if exclude is not None:
+            d2[torch.arange(len(q)), exclude[start:start + _CHUNK]] = math.inf
+        nearest = d2.argmin(1)
+        dist[start:start + _CHUNK] = (q - base[nearest]).norm(dim=1).float().cpu()
+        idx[start:start + _CHUNK] = nearest.cpu()
+    return dist, idx
+
+
+CALIBRATION_SAMPLES = 5000
+"""Real samples whose distance to their nearest other real sample sets the copy threshold (a seeded
+subsample of larger sets, each compared with all reals): the 1st percentile of 5,000 values is still 50
+values deep, and the cost stays linear in the real set's size instead of quadratic."""
+
+
+class NearestReal:
+    """The real samples of one feature space, for nearest-neighbour queries and the copy threshold.
+
+    threshold: the `percentile`-th percentile (linear interpolation) of the real samples' distances to
+    their nearest *other* real sample, at least `floor`. It is relative to the real set's own spacing, so
+    it means the same in any feature space, and a fresh sample from the real distribution is flagged with
+    probability ≈ `percentile`/100. `real` is float N×F, N >= 2.
+    """
+
+    def __init__(self, real: torch.Tensor, percentile: float = MEMORISATION_PERCENTILE, *, floor: float = 0.0,
+                 max_queries: int = CALIBRATION_SAMPLES):
+        n = len(real)
+        if n < 2:
+            raise UserError("a nearest-neighbour threshold needs at least 2 real images")
+        self.real, self.percentile = real, percentile
+        queries = torch.arange(n)
+        if n > max_queries:
+            queries = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:max_queries]
+        self.real_nn, _ = nearest_neighbours(real[queries], real, exclude=queries)
+        self.threshold = max(float(np.percentile(self.real_nn.double().numpy(), percentile)), floor)
+
+    def nearest(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float M×F -> (distance, index) of each row's nearest real sample."""
+        return nearest_neighbours(x, self.real)
+
+    def is_copy(self, distance):
+        return is_copy(distance, self.threshold)
 
 
 @dataclass(frozen=True)
@@ -183,135 +249,35 @@ class Memorisation:
     share: float
     """Share of synthetic samples at or below `threshold` from their nearest real sample."""
     threshold: float
-    """The `percentile`-th percentile of the real set's own nearest-neighbour distances."""
+    """The `percentile`-th percentile of the real set's own nearest-neighbour distances (see `NearestReal`)."""
     percentile: float
     nearest: np.ndarray
     """int64 M: index of each synthetic sample's nearest real sample."""
     distance: np.ndarray
     """float32 M: distance to it."""
     flagged: np.ndarray
-    """bool M: distance <= threshold."""
-
-
-def _nearest(query: torch.Tensor, base: torch.Tensor, *, exclude_self: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    dist, idx = torch.empty(len(query)), torch.empty(len(query), dtype=torch.long)
-    for start in range(0, len(query), _CHUNK):
-        d = torch.cdist(query[start:start + _CHUNK], base)
-        if exclude_self:
-            rows = torch.arange(len(d))
-            d[rows, rows + start] = float("inf")
-        dist[start:start + _CHUNK], idx[start:start + _CHUNK] = d.min(dim=1)
-    return dist, idx
+    """bool M: `is_copy(distance, threshold)`."""
 
 
 def memorisation(real: np.ndarray, fake: np.ndarray, *,
                  percentile: float = MEMORISATION_PERCENTILE) -> Memorisation:
-    """Flag synthetic samples that sit closer to a real sample than real samples sit to each other.
-
-    The threshold is relative to the real set's own spacing, so it means the same in any feature space.
-    The comparison is `<=`: when the real set holds exact duplicates the threshold is 0, and only exact
-    copies are flagged. A fresh sample from the real distribution is flagged with probability ≈
-    `percentile`/100.
-    """
+    """Flag synthetic samples that sit closer to a real sample than real samples sit to each other
+    (`NearestReal`, `is_copy`: the rule synth's `--dedup` applies in pixel space)."""
     r, f = _as_tensor(real, "real"), _as_tensor(fake, "synthetic")
     if len(r) < 2:
         raise UserError("memorisation needs at least 2 real images")
-    real_nn, _ = _nearest(r, r, exclude_self=True)
-    threshold = float(torch.quantile(real_nn.double(), percentile / 100.0))
-    dist, idx = _nearest(f, r, exclude_self=False)
-    flagged = dist <= threshold
-    return Memorisation(share=float(flagged.float().mean()), threshold=threshold, percentile=percentile,
+    index = NearestReal(r, percentile)
+    dist, idx = index.nearest(f)
+    flagged = index.is_copy(dist)
+    return Memorisation(share=float(flagged.float().mean()), threshold=index.threshold, percentile=percentile,
                         nearest=idx.numpy(), distance=dist.numpy(), flagged=flagged.numpy())
 
 
 # ----------------------------------------------------------------------------------------------------
-# Feature extractors: uint8 N×H×W×C images -> float32 N×F features.
+# Feature extractors live in augment_gan.features; these names stay importable from here.
 
-
-@dataclass(frozen=True)
-class FeatureExtractor:
-    """A named image embedding. `name` goes into every output so the numbers are read in context."""
-
-    name: str
-    embed: Callable[[torch.Tensor], torch.Tensor]
-    """uint8 N×C×H×W batch -> float N×F (called under `torch.inference_mode`)."""
-    device: str = "cpu"
-
-    def __call__(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """uint8 N×H×W×C -> float32 N×F."""
-        from augment_gan.pixels import hwc_to_nchw
-
-        out = []
-        with torch.inference_mode():
-            for start in range(0, len(images), batch_size):
-                batch = hwc_to_nchw(images[start:start + batch_size]).to(self.device)
-                out.append(self.embed(batch).float().cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
-
-
-def classifier_extractor(images: np.ndarray, labels: np.ndarray, *, steps: int = 400, seed: int = 0,
-                         device: str = "cpu") -> FeatureExtractor:
-    """Penultimate features of the small CNN from `augment_gan.classifier`, trained on labeled real images.
-
-    The network learns what separates the user's classes, so distances reflect class-relevant content
-    rather than pixel noise — the closest offline substitute for ImageNet Inception features.
-    """
-    from augment_gan.classifier import train_classifier
-    from augment_gan.pixels import to_float
-
-    model = train_classifier(images, labels, steps=steps, seed=seed, device=device).to(device).eval()
-    return FeatureExtractor(f"classifier-penultimate (trained on real, seed {seed}, {steps} steps)",
-                            lambda x: model.features(to_float(x)), device)
-
-
-def random_extractor(channels: int, *, seed: int = 0, device: str = "cpu") -> FeatureExtractor:
-    """Features of the same small CNN at a fixed random initialisation (for unlabeled folders).
-
-    Random convolutional features still separate textures and layouts, but are weaker than trained ones;
-    the seed is fixed so numbers compare across runs of the same package version.
-    """
-    from augment_gan.classifier import SmallCNN
-    from augment_gan.pixels import to_float
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = SmallCNN(channels, num_classes=1).to(device).eval()
-    return FeatureExtractor(f"random-cnn (untrained, seed {seed})", lambda x: model.features(to_float(x)), device)
-
-
-def inception_extractor(weights_path: str | Path, *, device: str = "cpu") -> FeatureExtractor:
-    """FID-compatible Inception-v3 pool features (2048-d) from a local weights file; never downloads.
-
-    The weights are torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` (the TensorFlow FID
-    network converted to PyTorch); torch-fidelity must be installed (`pip install torch-fidelity`).
-    """
-    path = Path(weights_path)
-    if not path.is_file():
-        raise UserError(f"Inception weights not found: {path}")
-    try:
-        from torchmetrics.image.fid import NoTrainInceptionV3
-        import torch_fidelity  # noqa: F401  (torchmetrics' Inception wrapper is built on it)
-    except ImportError:
-        raise UserError("--features inception needs torchmetrics and torch-fidelity: "
-                        "pip install 'augment-gan[metrics]' torch-fidelity") from None
-    # torch-fidelity calls torch.load without weights_only; load safely once first so a file holding
-    # pickled code is refused before anything else reads it.
-    try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001  (any failure means: not a plain weights file)
-        raise UserError(f"cannot read Inception weights {path}: {str(exc).splitlines()[0]}") from None
-    try:
-        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                 feature_extractor_weights_path=str(path)).to(device)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"{path} is not an FID Inception-v3 weights file: {str(exc).splitlines()[0]}") from None
-
-    def embed(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)  # the network was trained on RGB
-        return net(x)  # uint8 in, resized to 299 and normalised inside
-
-    return FeatureExtractor(f"inception-v3-2048 ({path.name})", embed, device)
+from augment_gan.features import (FeatureExtractor, classifier_extractor, discriminator_extractor,  # noqa: E402,F401
+                                  inception_extractor, pixel_extractor, random_extractor)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 
 from augment_gan.atomic import write_bytes_atomic
 from augment_gan.errors import UserError
+from augment_gan.runmeta import latest_meta
 
 LOSS_KEYS = ("loss_d", "loss_g")
 SELFSUP_KEYS = ("loss_rot_d", "loss_rot_g", "loss_completion", "loss_encoder")
@@ -78,18 +79,6 @@ def check_run_dir(run_dir: str | Path) -> Path:
     if not any((run_dir / name).exists() for name in ("log.jsonl", "grids", "checkpoints")):
         raise UserError(f"{run_dir} is not a training run (no log.jsonl, grids/ or checkpoints/)")
     return run_dir
-
-
-def _latest_meta(run_dir: Path) -> dict[str, Any]:
-    """Metadata JSON of the newest checkpoint (plain JSON: no torch needed to read it)."""
-    folder = run_dir / "checkpoints"
-    metas = sorted(folder.glob("ckpt-*.json")) if folder.is_dir() else []
-    for path in reversed(metas):
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-    return {}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,15 +215,15 @@ def build_report(run_dir: str | Path, *, evaluation: dict[str, Any] | None = Non
     records, bad_lines = read_log(run_dir / "log.jsonl")
     grids = list_grids(run_dir)
 
-    meta = _latest_meta(run_dir)
-    config = meta.get("config")
+    meta = latest_meta(run_dir)
+    config = meta.config.to_dict() if meta is not None else None
     if config is None and (run_dir / "config.json").is_file():
         try:
-            config = json.loads((run_dir / "config.json").read_text())
-        except json.JSONDecodeError:
+            config = json.loads((run_dir / "config.json").read_text()).get("config")
+        except (json.JSONDecodeError, AttributeError):
             config = None
-    classes = meta.get("classes") or []
-    conditional = bool(meta.get("conditional")) and bool(classes)
+    classes = list(meta.classes) if meta is not None else []
+    conditional = meta is not None and meta.conditional and bool(classes)
 
     parts = [f"<!doctype html><html><head><meta charset=utf-8><title>augment-gan report: "
              f"{html.escape(run_dir.name)}</title><style>{_CSS}</style></head><body>",
@@ -252,8 +241,8 @@ def build_report(run_dir: str | Path, *, evaluation: dict[str, Any] | None = Non
     if config:
         summary += [("resolution", f"{config.get('resolution')}px"), ("batch size", str(config.get("batch_size"))),
                     ("loss", str(config.get("loss")))]
-    if meta:
-        summary += [("channels", str(meta.get("channels"))),
+    if meta is not None:
+        summary += [("channels", str(meta.channels)),
                     ("classes", ", ".join(classes) if conditional else "unconditional")]
     if summary:
         parts.append("<h2>Run</h2><table>" + _rows(summary) + "</table>")

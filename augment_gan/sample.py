@@ -3,7 +3,8 @@
 Sample i is a pure function of (checkpoint, seed, i): its latent comes from a counter-based generator keyed
 by (seed, i), so batch size, sharding, resuming and the order of indices never change an image.
 Nothing here holds training state; `synth` and `vary` compose these functions: `latents` -> `decode`
-(G_ema; `generate` = both), and `encode` (the latent encoder E) for variations of real images.
+(G_ema; `generate` = both), `decode_batches` (the same over a stream of indices, in parallel generator
+lanes), and `encode` (the latent encoder E) for variations of real images.
 
 Truncation is the ψ-truncation of StyleGAN (Karras et al. 2019) toward the mean latent. Our G takes z
 directly (no mapping network) and z ~ N(0, I), whose mean is 0, so it is z·ψ: ψ=1 leaves the prior alone,
@@ -11,8 +12,11 @@ directly (no mapping network) and z ~ N(0, I), whose mean is 0, so it is z·ψ: 
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import hashlib
-from collections.abc import Sequence
+import os
+from collections import deque
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -161,6 +165,68 @@ def decode_float(ckpt: Any, z: torch.Tensor, labels: Sequence[int] | torch.Tenso
         return torch.empty(0, ckpt.channels, ckpt.resolution, ckpt.resolution, device=device)
     with torch.inference_mode():
         return aligned_forward(ckpt.G_ema, z.to(device), y)  # N×C×H×W in [-1, 1]
+
+
+def default_batch_size(resolution: int) -> int:
+    # 256 saturates 2 CPU cores at 32-64px (benchmarks/bench_synth.py); keep activations bounded above that.
+    return 256 if resolution <= 64 else max(16, 256 * 64 * 64 // resolution**2)
+
+
+def default_lanes(device_type: str, lanes: int | None = None, threads: int | None = None) -> tuple[int, int]:
+    """(generator lanes, torch threads per lane), filling in whichever of the two is None.
+
+    A GPU runs one lane with torch's threads. On a CPU the default is one lane per core with one thread
+    each: OpenMP threads wait for each other at the end of every operator, so when the encoder thread takes
+    a core one of G's threads stalls the other; independent single-threaded lanes do not stall
+    (benchmarks/bench_synth.py measures both).
+    """
+    if device_type != "cpu":
+        return lanes or 1, threads or torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    if lanes is None:
+        lanes = max(1, cores // threads) if threads else cores
+    return lanes, threads or max(1, cores // lanes)
+
+
+def decode_batches(ckpt: Any, seed: int, indices: Sequence[int], labels: Sequence[int] | None, *,
+                   truncation: float = 1.0, batch_size: int = 256, lanes: int = 1, threads: int | None = None,
+                   device: str | torch.device = "cpu") -> Iterator[torch.Tensor]:
+    """`decode_float` of consecutive batches of `indices` (with their `labels`), yielded in order.
+
+    Latents are drawn on their own thread, one batch ahead; `lanes` generator forwards run at once, each
+    on its own thread with `threads` torch threads (see `default_lanes`). Close the iterator (or exhaust
+    it) to stop the threads; the images are those `generate` gives, whatever the batch size or lanes.
+    """
+    truncation = check_truncation(truncation)
+    starts = range(0, len(indices), batch_size)
+
+    def batch_latents(start: int) -> torch.Tensor:  # what generate does before G, ψ included
+        return latents(seed, indices[start:start + batch_size], ckpt.z_dim) * truncation
+
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or saved_threads)
+    prefetch = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sample-latents")
+    generator = cf.ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="sample-g")
+    running: deque = deque()  # generator futures, oldest first
+    try:
+        next_z = prefetch.submit(batch_latents, 0) if len(indices) else None
+        submitted = 0
+        for _ in starts:
+            while submitted < len(starts) and len(running) < lanes:
+                start = starts[submitted]
+                z = next_z.result()  # type: ignore[union-attr]
+                if start + batch_size < len(indices):
+                    next_z = prefetch.submit(batch_latents, start + batch_size)
+                y = labels[start:start + batch_size] if labels is not None else None
+                running.append(generator.submit(decode_float, ckpt, z, y, device=device))
+                submitted += 1
+            yield running.popleft().result()
+    finally:
+        for future in running:
+            future.cancel()
+        generator.shutdown(wait=True)
+        torch.set_num_threads(saved_threads)
+        prefetch.shutdown(wait=True)
 
 
 def encode(ckpt: Any, images: torch.Tensor, *, device: str | torch.device = "cpu"

@@ -12,7 +12,6 @@ checkpoint also gets the class as G's label, so labeled data grows even without 
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -22,20 +21,13 @@ from typing import Any
 import numpy as np
 
 from augment_gan import __version__
-from augment_gan.atomic import write_bytes_atomic
+from augment_gan.device import pick_device
 from augment_gan.errors import UserError
-from augment_gan.synth import (
-    ImageWriter,
-    check_class_name,
-    check_out_folder,
-    default_workers,
-    pick_device,
-    readable_image,
-    write_jsonl,
-)
+from augment_gan.imagefile import ImageWriter, default_workers, readable_image
+from augment_gan.manifest import MANIFEST, ManifestRow, read_manifest, write_manifest
+from augment_gan.outputs import check_class_name, check_out_folder, class_folder, clear_outputs, write_json
 
 SETTINGS = "vary.json"
-MANIFEST = "manifest.jsonl"
 
 
 @dataclass(frozen=True)
@@ -92,9 +84,7 @@ def _read_sources(source: Path, ckpt: Any, progress: bool) -> tuple[np.ndarray, 
     """-> (uint8 N×H×W×C, relative files, class per image (None when unlabeled), source classes)."""
     from augment_gan.data import ReadOptions, load_folder, read_image
 
-    options = ReadOptions(resolution=ckpt.resolution, fit=ckpt.config.fit,
-                          background=tuple(ckpt.config.background),
-                          channels="gray" if ckpt.channels == 1 else "rgb")
+    options = ReadOptions.from_checkpoint(ckpt)  # read the sources the way fit read its training images
     if source.is_file():
         return read_image(source, options)[None], [source.name], [None], []
     if not source.is_dir():
@@ -109,19 +99,8 @@ def _read_sources(source: Path, ckpt: Any, progress: bool) -> tuple[np.ndarray, 
 
 def _remove_old_outputs(out: Path, keep: set[str]) -> None:
     """Delete the images an earlier vary listed in its manifest that this run will not rewrite."""
-    try:
-        lines = (out / MANIFEST).read_text().splitlines()
-    except OSError:
-        return
-    for line in lines:
-        try:
-            name = json.loads(line).get("file")
-        except (ValueError, AttributeError):
-            continue
-        parts = Path(name).parts if isinstance(name, str) else ()
-        # Manifest entries are data: only plain relative paths inside `out` are followed.
-        if name not in keep and parts and ".." not in parts and not Path(name).is_absolute() and name.endswith(".png"):
-            (out / name).unlink(missing_ok=True)
+    listed = {row.file for row in read_manifest(out / MANIFEST, strict=False)}
+    clear_outputs(out, lambda rel: rel in listed and rel not in keep and rel.endswith(".png"))
 
 
 def vary(checkpoint: Any, source: str | Path, out: str | Path, config: VaryConfig) -> VarySummary:
@@ -176,22 +155,19 @@ def vary(checkpoint: Any, source: str | Path, out: str | Path, config: VaryConfi
                 "source": str(source.resolve()), "n": config.n, "sigma": config.sigma, "seed": config.seed,
                 "class_name": config.class_name, "classes": classes, "sources": len(files),
                 "latent": "z = mu + sigma * eps, eps ~ N(0, I) from (seed, source file, k)"}
-    old = check_out_folder(out, SETTINGS, settings, _identity, config.overwrite)
+    old, replace = check_out_folder(out, SETTINGS, overwrite=config.overwrite, settings=settings, identity=_identity)
     out.mkdir(parents=True, exist_ok=True)
-    if old is not None and _identity(old) != _identity(settings):
-        _remove_old_outputs(out, set(outputs))  # only reached with --overwrite
+    if replace:  # only reached with --overwrite
+        _remove_old_outputs(out, set(outputs))
     if old != settings:
-        write_bytes_atomic(out / SETTINGS, (json.dumps(settings, indent=2) + "\n").encode())
+        write_json(out / SETTINGS, settings)
     for cls in sorted({c for c in source_class if c is not None}):
-        folder = out / cls
-        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-            raise UserError(f"{folder} exists and is not a plain folder; refusing to write through it")
-        folder.mkdir(exist_ok=True)
+        class_folder(out, cls)
     for p in [out, *(out / c for c in set(source_class) if c is not None)]:
         for tmp in p.glob("*.tmp-*"):
             tmp.unlink(missing_ok=True)  # left by a killed run (vary runs as one process)
 
-    rows: list[dict[str, Any]] = []
+    rows: list[ManifestRow] = []
     written = existing = 0
     jobs = []  # (source position, k, name)
     for s, (rel, cls) in enumerate(zip(files, source_class)):
@@ -202,16 +178,16 @@ def vary(checkpoint: Any, source: str | Path, out: str | Path, config: VaryConfi
     if not config.overwrite:
         done = {name for (_, _, name) in jobs if readable_image(out / name, ckpt.resolution)}
 
-    def row(s: int, k: int, name: str, std: float) -> dict[str, Any]:
-        return {"file": name, "index": s * config.n + k, "seed": config.seed, "class": source_class[s],
-                "label": labels[s], "truncation": None, "checkpoint": ckpt.digest, "d_score": None, "kept": True,
-                "filter": None, "source": files[s], "k": k, "sigma": config.sigma, "posterior_std": std}
+    def row(s: int, k: int, name: str, std: float) -> ManifestRow:
+        return ManifestRow(file=name, index=s * config.n + k, seed=config.seed, class_name=source_class[s],
+                           label=labels[s], checkpoint=ckpt.digest, source=files[s], k=k, sigma=config.sigma,
+                           posterior_std=std)
 
     workers = config.workers or default_workers(device.type)
     bar = tqdm(total=len(jobs) - len(done), desc="vary", unit="img", file=sys.stderr,
                disable=not config.progress or len(jobs) == len(done), dynamic_ncols=True)
 
-    def on_done(batch_rows: list[dict[str, Any]]) -> None:
+    def on_done(batch_rows: list[ManifestRow]) -> None:
         rows.extend(batch_rows)
         bar.update(len(batch_rows))
 
@@ -245,6 +221,6 @@ def vary(checkpoint: Any, source: str | Path, out: str | Path, config: VaryConfi
     finally:
         writer.close(ok)
         bar.close()
-    write_jsonl(out / MANIFEST, sorted(rows, key=lambda r: r["index"]))
+    write_manifest(out / MANIFEST, rows)
     return VarySummary(out=str(out), sources=len(files), per_source=config.n, written=written, existing=existing,
                        images=len(rows), manifest=str(out / MANIFEST), seconds=round(time.perf_counter() - t_start, 3))

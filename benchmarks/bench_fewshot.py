@@ -335,8 +335,8 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
                 share = args.synthetic // args.gans + (j < args.synthetic % args.gans)
                 parts.append(synthesize(args, ckpt, folder, len(train_idx), out / tag / f"synthetic{suffix}",
                                         SAMPLE_SEED + seed, data.classes, data.channels, share))
-                gans.append({"checkpoint": str(ckpt_path), "fit_seconds": round(fit_s, 1), "fit_kimg": meta.get("kimg"),
-                             "fit_budget_s": meta.get("elapsed_s"), "fit_step": meta.get("step"), "resumed": resume,
+                gans.append({"checkpoint": str(ckpt_path), "fit_seconds": round(fit_s, 1), "fit_kimg": meta.kimg,
+                             "fit_budget_s": meta.elapsed_s, "fit_step": meta.step, "resumed": resume,
                              "synthetic_summary": parts[-1][2]})
             synth_images = np.concatenate([part[0] for part in parts])
             synth_labels = np.concatenate([part[1] for part in parts])

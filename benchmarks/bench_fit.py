@@ -199,8 +199,8 @@ def run_augment_gan(folder: Path, overrides: dict, minutes: float, clock: str, n
                          for s in range(0, n, 500)])
     meta = ckpt.meta
     p_seen = [json.loads(line)["p"] for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-    stats = {"steps": meta["step"], "kimg": meta["kimg"], "train_seconds": meta["elapsed_s"],
-             "ada_p": meta["ada"]["p"], "ada_rt": meta["ada"]["rt"], "p_max_seen": max(p_seen, default=None),
+    stats = {"steps": meta.step, "kimg": meta.kimg, "train_seconds": meta.elapsed_s,
+             "ada_p": meta.ada_p, "ada_rt": meta.ada.get("rt"), "p_max_seen": max(p_seen, default=None),
              "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
              "checkpoint": str(path)}
     return nchw_to_hwc(samples), stats

@@ -41,11 +41,14 @@ import numpy as np
 import torch
 
 from augment_gan.checkpoint import load_checkpoint, save_checkpoint
+from augment_gan.runmeta import RunMeta
 from augment_gan.config import TrainConfig
 from augment_gan.models import build_networks
 from augment_gan.data import ReadOptions, load_folder
 from augment_gan import sample
-from augment_gan.synth import PNG_COMPRESSOR, SynthConfig, png_files, png_scanlines, synth, write_atomic
+from augment_gan.atomic import write_atomic
+from augment_gan.imagefile import PNG_COMPRESSOR, png_files, png_scanlines
+from augment_gan.synth import SynthConfig, synth
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data beside the repo
 CODEC_DATA = (("mnist", 32), ("emoji-twitter", 64))
@@ -162,12 +165,11 @@ def random_run(folder: Path, resolution: int, channels: int, classes: int) -> Pa
     config = TrainConfig(resolution=resolution)
     torch.manual_seed(0)
     g, d, e = build_networks(config, channels, classes)
-    meta = {"config": config.to_dict(), "conditional": classes > 0, "classes": [str(c) for c in range(classes)],
-            "channels": channels, "resolution": resolution, "nimg": 0, "kimg": 0.0, "elapsed_s": 0.0, "ada": {},
-            "data": {"root": None}}
+    meta = RunMeta(config=config, conditional=classes > 0, classes=tuple(str(c) for c in range(classes)),
+                   channels=channels)
     g_ema = build_networks(config, channels, classes)[0]
     g_ema.load_state_dict(g.state_dict())
-    save_checkpoint(folder, 0, {"G": g, "G_ema": g_ema, "D": d, "E": e}, {}, {}, meta)
+    save_checkpoint(folder, {"G": g, "G_ema": g_ema, "D": d, "E": e}, {}, {}, meta)
     return folder
 
 

@@ -1,12 +1,15 @@
 """The `augment-gan` command-line application: a thin click shell over the library.
 
 Every command parses options, builds a config and calls one library function. Progress goes to
-stderr, results to stdout. A `UserError` from the library becomes a one-line `Error: ...` message
-with a non-zero exit status, never a traceback.
+stderr, results to stdout. A `UserError` from the library, and any operating-system error (a read-only
+or full disk, a missing path), becomes a one-line `Error: ...` message with a non-zero exit status; the
+traceback is shown only with `--debug`.
 """
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 
 import click
 
@@ -18,17 +21,33 @@ from augment_gan.errors import UserError
 _COMMAND_MODULES = ("inspect", "fit", "synth", "vary", "recipes", "merge", "evaluate", "report")
 
 
+def os_error_message(exc: OSError) -> str:
+    """One line naming the path(s) and the cause of an operating-system error."""
+    cause = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__)
+    if exc.errno == errno.ENOSPC:
+        cause += " (the disk is full)"
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {cause}" if paths else cause
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except UserError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            raise click.ClickException(os_error_message(exc)) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="augment-gan")
-def app() -> None:
+@click.option("--debug", is_flag=True, envvar="AUGMENT_GAN_DEBUG",
+              help="Show the full traceback of an operating-system error instead of one line.")
+@click.pass_context
+def app(ctx: click.Context, debug: bool) -> None:
     """Synthetic data augmentation for small image folders.
 
     \b
@@ -38,6 +57,7 @@ def app() -> None:
       augment-gan synth runs/digits --n 1000 --out synthetic/digits
       augment-gan evaluate --real examples/digits --synthetic synthetic/digits
     """
+    ctx.obj = {"debug": debug}
 
 
 for _name in _COMMAND_MODULES:

@@ -5,6 +5,8 @@ import json
 
 import click
 
+from augment_gan.data import RESOLUTIONS
+
 
 @click.command("evaluate")
 @click.option("--real", "real", required=True, type=click.Path(exists=True, file_okay=False),
@@ -13,10 +15,10 @@ import click
               help="Folder of synthetic images, e.g. written by `augment-gan synth`.")
 @click.option("--features", default="auto", show_default=True,
               help="Feature space: auto (classifier if --real is labeled, else random), classifier, random, "
-                   "inception, or a path to FID Inception weights.")
+                   "inception, pixels (16x16 downsampled, synth --dedup's space), or a path to FID Inception weights.")
 @click.option("--inception-weights", type=click.Path(exists=True, dir_okay=False),
               help="Local FID Inception-v3 weights (torch-fidelity's .pth); nothing is ever downloaded.")
-@click.option("--resolution", type=click.Choice(["8", "16", "32", "64", "128", "256"]),
+@click.option("--resolution", type=click.Choice([str(r) for r in RESOLUTIONS]),
               help="Side length both folders are read at [default: 32 for synthetic images up to 32 px, else 64].")
 @click.option("--feature-steps", type=click.IntRange(min=1), default=400, show_default=True,
               help="Training steps of the feature classifier (keep fixed when comparing runs).")

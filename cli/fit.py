@@ -1,12 +1,14 @@
 """`augment-gan fit`: train a GAN on an image folder."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
-from augment_gan.config import FITS, RESOLUTIONS, TrainConfig
+from augment_gan.config import TrainConfig
+from augment_gan.data import FITS, MODEL_RESOLUTIONS
 from augment_gan.device import DEVICE_CHOICES
 
 _DEFAULTS = TrainConfig()  # the options' defaults are the config's, so the two cannot drift apart
@@ -20,7 +22,7 @@ _CONFIG_OPTIONS = {"resolution": "resolution", "minutes": "minutes", "kimg": "ki
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
               help="Run directory (default: runs/<folder name>).")
-@click.option("--resolution", type=click.Choice([str(r) for r in RESOLUTIONS]), default=str(_DEFAULTS.resolution),
+@click.option("--resolution", type=click.Choice([str(r) for r in MODEL_RESOLUTIONS]), default=str(_DEFAULTS.resolution),
               show_default=True,
               callback=lambda c, p, v: int(v), help="Square training resolution.")
 @click.option("--minutes", type=float, default=_DEFAULTS.minutes, show_default=True, help="Wall-clock training budget.")
@@ -28,14 +30,16 @@ _CONFIG_OPTIONS = {"resolution": "resolution", "minutes": "minutes", "kimg": "ki
 @click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True,
               help="Global batch size (small batches mean more updates per CPU-minute; try 64+ on a GPU).")
 @click.option("--device", type=str, default="auto", show_default=True, help=f"One of {', '.join(DEVICE_CHOICES)} or cuda:N.")
-@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True,
+              help="Seeds the networks' initialisation and every random draw of training (same seed, same run).")
 @click.option("--resume", is_flag=True, help="Continue the latest checkpoint in --out exactly where it stopped.")
 @click.option("--unconditional", is_flag=True, help="Ignore class subfolders.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="YAML file of TrainConfig fields (command-line options win).")
 @click.option("--fit", "fit_mode", type=click.Choice(list(FITS)), default=_DEFAULTS.fit,
               show_default=True, help="How non-square images become square.")
-@click.option("--checkpoint-minutes", type=float, default=_DEFAULTS.checkpoint_minutes, show_default=True)
+@click.option("--checkpoint-minutes", type=float, default=_DEFAULTS.checkpoint_minutes, show_default=True,
+              help="Save a checkpoint and a sample grid this often (and always at the end).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Where decoded images are cached (default: RUN/cache).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -54,7 +58,7 @@ def command(ctx: click.Context, folder: Path, out: Path | None, device: str, res
       augment-gan fit examples/digits --out runs/digits --resume --minutes 10
       torchrun --nproc_per_node 2 -m augment_gan fit examples/digits --out runs/ddp
     """
-    from augment_gan.checkpoint import config_from_meta, list_checkpoints, read_meta
+    from augment_gan.checkpoint import list_checkpoints, read_meta
     from augment_gan.config import TrainConfig, load_config_file
     from augment_gan.errors import UserError
     from augment_gan.train import fit
@@ -68,7 +72,7 @@ def command(ctx: click.Context, folder: Path, out: Path | None, device: str, res
         found = list_checkpoints(out)
         if not found:
             raise UserError(f"--resume: {out} has no checkpoint to resume from")
-        base = config_from_meta(read_meta(found[-1])).to_dict()
+        base = read_meta(found[-1]).config.to_dict()
         if config_file is not None:
             raise UserError("--resume takes the run's saved config; --config cannot change it")
     else:
@@ -85,4 +89,11 @@ def command(ctx: click.Context, folder: Path, out: Path | None, device: str, res
     base.update({_CONFIG_OPTIONS[k]: v for k, v in given.items()})
     config = TrainConfig.from_dict(base)
     path = fit(folder, config, out, resume=resume, device=device, cache_dir=cache_dir, progress=not quiet)
-    click.echo(str(path))
+    if int(os.environ.get("RANK", "0")) != 0:   # under torchrun, rank 0 prints the summary
+        return
+    meta = read_meta(path)
+    grid = out / "grids" / f"grid-{meta.step:08d}.png"
+    click.echo(f"trained {meta.step:,} steps ({meta.kimg:.2f} kimg) in {meta.elapsed_s / 60:.1f} "
+               f"{'CPU-' if config.clock == 'cpu' else ''}minutes; final adaptive augmentation p {meta.ada_p:.3f}")
+    click.echo(f"checkpoint: {path}")
+    click.echo(f"samples:    {grid}")

@@ -6,8 +6,7 @@ import json
 import click
 
 from augment_gan.cli.inspect import parse_background
-
-_RESOLUTIONS = ("8", "16", "32", "64", "128", "256")
+from augment_gan.data import CHANNELS, FITS, RESOLUTIONS
 
 
 @click.command("merge")
@@ -23,13 +22,13 @@ _RESOLUTIONS = ("8", "16", "32", "64", "128", "256")
               help="Augmented copies of each real image.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the augmentations and the synthetic draw.")
 @click.option("--overwrite", is_flag=True, help="Replace a previous merge output in --out.")
-@click.option("--resolution", type=click.Choice(_RESOLUTIONS), default=None,
+@click.option("--resolution", type=click.Choice([str(r) for r in RESOLUTIONS]), default=None,
               help="Output side length [default: the synthetic images' size, else 64].")
-@click.option("--fit", type=click.Choice(["center-crop", "pad", "resize"]), default="center-crop", show_default=True,
+@click.option("--fit", type=click.Choice(FITS), default="center-crop", show_default=True,
               help="How non-square real images become square.")
 @click.option("--background", default="white", show_default=True, callback=parse_background,
               help="Colour behind transparent pixels and padding (name, #rrggbb or R,G,B).")
-@click.option("--channels", type=click.Choice(["auto", "gray", "rgb"]), default="auto", show_default=True,
+@click.option("--channels", type=click.Choice(CHANNELS), default="auto", show_default=True,
               help="auto = grayscale when every real image is grayscale, else RGB.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (merge.json) as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from augment_gan.imagefile import FORMATS
+
 
 @click.command("synth")
 @click.argument("run", type=click.Path(path_type=Path))
@@ -16,7 +18,7 @@ import click
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i depends only on (run, seed, i).")
 @click.option("--truncation", type=float, default=1.0, show_default=True,
               help="ψ: scale latents toward the mean (<1: more typical, less diverse).")
-@click.option("--format", "fmt", type=click.Choice(["png", "jpg", "webp"]), default="png", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="png", show_default=True)
 @click.option("--quality", type=int, default=None, help="JPEG/WebP quality 1-100 (default 95/90).")
 @click.option("--keep-top", type=float, default=None,
               help="Discriminator rejection: generate n/F candidates, keep the best fraction F per class.")
@@ -42,9 +44,9 @@ def command(run: Path, n: int | None, out: Path, per_class: int | None, classes:
     """Write N synthetic images from RUN (a run directory = its latest checkpoint, or a checkpoint file).
 
     Conditional runs write OUT/<class>/<index>.png (balanced unless --per-class/--classes), unconditional
-    runs OUT/<index>.png, plus OUT/manifest.jsonl and OUT/synth.json. Image i is a pure function of
-    (checkpoint, seed, i), so rerunning writes the same bytes, an interrupted run resumes, and shards add
-    up to the single-process set.
+    runs OUT/<index>.png, plus a manifest (one JSON line per image) and OUT/synth.json. Image i is a pure
+    function of (checkpoint, seed, i), so rerunning writes the same bytes, an interrupted run resumes, and
+    shards add up to the single-process set.
 
     \b
     Examples:
@@ -53,7 +55,9 @@ def command(run: Path, n: int | None, out: Path, per_class: int | None, classes:
       augment-gan synth runs/digits --n 10000 --out synthetic/digits --shard 0/4   # ... up to 3/4
       torchrun --nproc_per_node 4 -m augment_gan synth runs/digits --n 100000 --out synthetic/big
     """
-    from augment_gan.synth import SynthConfig, parse_shard, synth
+    from augment_gan.manifest import MANIFEST
+    from augment_gan.plan import parse_shard
+    from augment_gan.synth import SynthConfig, synth
 
     config = SynthConfig(
         n=n, per_class=per_class, seed=seed, truncation=truncation, format=fmt, quality=quality,
@@ -83,5 +87,5 @@ def command(run: Path, n: int | None, out: Path, per_class: int | None, classes:
     if summary.manifest:
         click.echo(f"Manifest: {summary.manifest}")
     else:
-        click.echo(f"Shard manifest: {summary.shard_manifest}; {Path(summary.out) / 'manifest.jsonl'} is written "
+        click.echo(f"Shard manifest: {summary.shard_manifest}; {Path(summary.out) / MANIFEST} is written "
                    "when every shard is done")

@@ -28,7 +28,7 @@ def command(run: Path, source: Path, n: int, out: Path, sigma: float, seed: int,
     """Write N variations of each image in SOURCE (an image file or a folder) using RUN's encoder.
 
     Each image is encoded to mu by the latent encoder E; variation k decodes mu + sigma·eps_k with the EMA
-    generator. A labeled folder keeps its classes: OUT/<class>/<stem>_<k>.png, plus OUT/manifest.jsonl.
+    generator. A labeled folder keeps its classes: OUT/<class>/<stem>_<k>.png, plus a manifest.
 
     \b
     Examples:

@@ -71,11 +71,12 @@ def write_tiny_checkpoint(run: Path, classes: list[str], channels: int = 1) -> P
     from augment_gan.checkpoint import save_checkpoint
     from augment_gan.config import TrainConfig
     from augment_gan.models import build_networks
+    from augment_gan.runmeta import RunMeta
 
     config = TrainConfig(resolution=32, z_dim=16, g_channels=32, d_channels=16, min_channels=8, max_channels=32)
     torch.manual_seed(0)
     g, d, e = build_networks(config, channels, len(classes))
     g_ema, _, _ = build_networks(config, channels, len(classes))
     g_ema.load_state_dict(g.state_dict())
-    meta = {"config": config.to_dict(), "conditional": bool(classes), "classes": classes, "channels": channels}
-    return save_checkpoint(Path(run), 0, {"G": g, "G_ema": g_ema, "D": d, "E": e}, {}, {}, meta)
+    meta = RunMeta(config=config, conditional=bool(classes), classes=tuple(classes), channels=channels)
+    return save_checkpoint(Path(run), {"G": g, "G_ema": g_ema, "D": d, "E": e}, {}, {}, meta)

@@ -21,16 +21,16 @@ def save_random_checkpoint(run_dir: Path, config, channels: int, classes: list[s
 
     from augment_gan.checkpoint import save_checkpoint
     from augment_gan.models import build_networks
+    from augment_gan.runmeta import DataInfo, RunMeta
 
     torch.manual_seed(config.seed)
     conditional = bool(classes)
     g, d, e = build_networks(config, channels, len(classes))
     g_ema = build_networks(config, channels, len(classes))[0]
     g_ema.load_state_dict(g.state_dict())
-    meta = {"config": config.to_dict(), "conditional": conditional, "classes": list(classes),
-            "channels": channels, "resolution": config.resolution, "nimg": 0, "kimg": 0.0, "elapsed_s": 0.0,
-            "ada": {}, "data": {"root": str(data_root) if data_root else None, "classes": list(classes)}}
-    return save_checkpoint(run_dir, 0, {"G": g, "G_ema": g_ema, "D": d, "E": e}, {}, {}, meta)
+    meta = RunMeta(config=config, conditional=conditional, classes=tuple(classes), channels=channels,
+                   data=DataInfo(root=str(data_root) if data_root else "", classes=tuple(classes)))
+    return save_checkpoint(run_dir, {"G": g, "G_ema": g_ema, "D": d, "E": e}, {}, {}, meta)
 
 
 @pytest.fixture(scope="session")

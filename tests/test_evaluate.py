@@ -54,6 +54,13 @@ def test_copies_of_real_images_are_memorised(folders):
     assert all(pair["flagged"] and pair["distance"] < 1e-6 for pair in result["memorisation"]["closest"])
 
 
+def test_pixel_features_also_find_copies(folders):
+    result = compute(folders["real"], folders["copies"], EvaluateConfig(features="pixels"), progress=False,
+                     log=lambda m: None).result
+    assert result["features"]["name"].startswith("pixels-16x16") and result["features"]["dim"] == 256
+    assert result["memorisation"]["share"] == 1.0 and result["fd"] < 1e-6
+
+
 def test_cli_json_on_fresh_digits(folders):
     res = CliRunner().invoke(app, ["evaluate", "--real", str(folders["real"]), "--synthetic",
                                    str(folders["fresh"]), "--json", *FAST])

@@ -23,7 +23,8 @@ from augment_gan.data import ReadOptions, load_folder
 from augment_gan.errors import UserError
 from augment_gan.models import build_networks
 from augment_gan.pixels import hwc_to_nchw, to_float
-from augment_gan.train import TrainingDiverged, _run_lock, fit
+from augment_gan.guard import run_lock
+from augment_gan.train import TrainingDiverged, fit
 
 # Small networks keep each step a few milliseconds on a CPU.
 # Every self-supervised constraint (and the mode-seeking term, whose fake labels come in pairs, and the auxiliary
@@ -118,7 +119,7 @@ def test_resume_refuses_a_changed_config_and_fresh_runs_refuse_to_overwrite(digi
 
 def test_a_locked_run_directory_is_refused(digits, tmp_path):
     run = tmp_path / "run"
-    with _run_lock(run):
+    with run_lock(run):
         with pytest.raises(UserError, match="in use by another"):
             fit(digits, TrainConfig(kimg=0.016, **TINY), run, device="cpu", progress=False)
 
@@ -156,17 +157,50 @@ def test_cli_fit_and_its_one_line_errors(digits, tmp_path):
     run = tmp_path / "run"
     res = runner.invoke(app, ["fit", str(digits), "--out", str(run), "--kimg", "0.016", "--batch-size", "8", "--quiet"])
     assert res.exit_code == 0, res.output
-    assert res.stdout.strip().endswith("ckpt-00000002.safetensors")
+    assert "trained 2 steps (0.02 kimg)" in res.stdout and "final adaptive augmentation p" in res.stdout
+    assert f"checkpoint: {run / 'checkpoints' / 'ckpt-00000002.safetensors'}" in res.stdout
+    assert f"samples:    {run / 'grids' / 'grid-00000002.png'}" in res.stdout
     res = runner.invoke(app, ["fit", str(digits), "--out", str(run), "--kimg", "0.016"])
     assert res.exit_code != 0 and "already holds a run" in res.output and "Traceback" not in res.output
     res = runner.invoke(app, ["fit", str(digits), "--out", str(run), "--resume", "--seed", "3"])
     assert res.exit_code != 0 and "seed differ" in res.output
+    res = runner.invoke(app, ["fit", str(digits), "--out", str(run), "--resume", "--kimg", "0.016"])
+    assert res.exit_code != 0 and "already used its budget (0.016 kimg, --kimg 0.016)" in res.output
+    assert "pass a larger --kimg" in res.output
     res = runner.invoke(app, ["fit", str(tmp_path / "missing"), "--out", str(tmp_path / "r2")])
     assert res.exit_code != 0 and "not found" in res.output
+    assert not (tmp_path / "r2").exists()                      # nothing created when the input is bad
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rate: 1\n")
     res = runner.invoke(app, ["fit", str(digits), "--out", str(tmp_path / "r3"), "--config", str(bad)])
     assert res.exit_code != 0 and "unknown config keys: learning_rate" in res.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = runner.invoke(app, ["fit", str(empty), "--out", str(tmp_path / "r4"), "--kimg", "0.016"])
+    assert res.exit_code != 0 and "Traceback" not in res.output and not (tmp_path / "r4").exists()
+
+
+def test_a_run_that_died_before_its_first_checkpoint_can_be_started_again(digits, tmp_path):
+    # A fit killed before any checkpoint leaves log rows and a cache but nothing to resume: the same command
+    # starts it over (the stale rows go), and --resume says so instead of failing without a way forward.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text('{"step": 2, "kimg": 0.016}\n')
+    with pytest.raises(UserError, match="without --resume"):
+        fit(digits, TrainConfig(kimg=0.016, **TINY), run, device="cpu", progress=False, resume=True)
+    fit(digits, TrainConfig(kimg=0.016, **TINY), run, device="cpu", progress=False)
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2] and "loss_d" in rows[0]
+
+
+def test_resume_drops_the_log_rows_of_steps_the_checkpoint_does_not_hold(digits, tmp_path):
+    run = tmp_path / "run"
+    fit(digits, TrainConfig(kimg=0.032, **TINY), run, device="cpu", progress=False)
+    with open(run / "log.jsonl", "a") as f:        # rows a killed process wrote after its last checkpoint
+        f.write('{"step": 6, "kimg": 0.048}\n{"step": 8, "kimg": 0.064}\n')
+    fit(digits, TrainConfig(kimg=0.064, **TINY), run, device="cpu", progress=False, resume=True)
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]
 
 
 def _subprocess_env() -> dict[str, str]:

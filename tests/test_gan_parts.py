@@ -8,6 +8,7 @@ import torch
 
 from augment_gan import diffaug, losses, selfsup
 from augment_gan.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from augment_gan.runmeta import RunMeta
 from augment_gan.config import TrainConfig
 from augment_gan.errors import UserError
 from augment_gan.models import GlobalBatchNorm2d, Generator, build_networks
@@ -191,9 +192,8 @@ def _save_tiny(tmp_path, classes=("a", "b")):
     opt = torch.optim.Adam(g.parameters())
     g(torch.randn(2, cfg.z_dim), torch.tensor([0, 1])).mean().backward()
     opt.step()
-    meta = {"config": cfg.to_dict(), "conditional": True, "classes": list(classes), "channels": 1,
-            "resolution": 32, "nimg": 64, "kimg": 0.064, "elapsed_s": 1.0, "ada": {}}
-    return save_checkpoint(tmp_path, 5, nets, {"G": opt}, {"loop": torch.Generator().get_state()}, meta), g
+    meta = RunMeta(config=cfg, conditional=True, classes=tuple(classes), channels=1, step=5, nimg=64, elapsed_s=1.0)
+    return save_checkpoint(tmp_path, nets, {"G": opt}, {"loop": torch.Generator().get_state()}, meta), g
 
 
 def test_checkpoint_round_trip_rebuilds_networks_without_pickle(tmp_path):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from augment_gan import features as extractors
 from augment_gan import metrics
 from augment_gan.errors import UserError
 from fakesynth import copy_classes
@@ -36,7 +37,7 @@ def features(digits):
     """Random-CNN features (fast, fixed seed) of set a, set b, and uniform noise images."""
     a, b = digits
     torch.set_num_threads(1)
-    extractor = metrics.random_extractor(1, seed=0)
+    extractor = extractors.random_extractor(1, seed=0)
     noise = np.random.default_rng(0).integers(0, 256, size=np.asarray(b.images).shape, dtype=np.uint8)
     return extractor(np.asarray(a.images)), extractor(np.asarray(b.images)), extractor(noise)
 
@@ -120,11 +121,11 @@ def test_linear_probe_reads_separable_features_and_not_random_labels():
 
 def test_inception_never_downloads(tmp_path):
     with pytest.raises(UserError, match="not found"):
-        metrics.inception_extractor(tmp_path / "missing.pth")
+        extractors.inception_extractor(tmp_path / "missing.pth")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a weights file")
     with pytest.raises(UserError):  # torch-fidelity missing, or the file refused: never a download
-        metrics.inception_extractor(junk)
+        extractors.inception_extractor(junk)
 
 
 def test_classifier_learns_digits_and_is_deterministic(digits):
@@ -191,3 +192,38 @@ def test_real_finish_trains_the_last_steps_on_real_images_only(digits, monkeypat
     classifier.train_classifier(x, y, steps=8, batch_size=8, seed=0, extra=(synthetic, b.labels),
                                 synthetic_ratio=0.5, real_finish=0.25)
     assert seen == [4] * 6 + [0, 0]
+
+
+def test_every_feature_space_has_one_interface(digits, tmp_path):
+    # uint8 N×H×W×C in, float32 N×dim out, with a name; `embed` is the same map on N×C×H×W tensors.
+    from augment_gan.checkpoint import load_checkpoint
+    from augment_gan.pixels import hwc_to_nchw, to_float
+    from fakesynth import write_tiny_checkpoint
+
+    a, _ = digits
+    images = np.asarray(a.images)[:12]  # 32 px gray
+    checkpoint = write_tiny_checkpoint(tmp_path / "run", [str(i) for i in range(10)])
+    spaces = [extractors.random_extractor(1), extractors.classifier_extractor(images, a.labels[:12], steps=2),
+              extractors.pixel_extractor(channels=1), extractors.discriminator_extractor(checkpoint)]
+    for extractor in spaces:
+        f = extractor(images, batch_size=5)
+        assert f.dtype == np.float32 and f.shape == (12, extractor.dim) and extractor.name
+        with torch.inference_mode():
+            assert np.allclose(extractor.embed(hwc_to_nchw(images)).numpy(), f, atol=1e-5)
+    d = load_checkpoint(checkpoint).D.eval()
+    with torch.inference_mode():
+        assert np.allclose(spaces[3](images), d.features(to_float(hwc_to_nchw(images))).numpy(), atol=1e-5)
+
+
+def test_pixel_features_measure_the_rms_difference_of_area_downsampled_images(digits):
+    a, _ = digits
+    pixels = extractors.pixel_extractor(16)
+    black, white = np.zeros((1, 32, 32, 1), np.uint8), np.full((1, 32, 32, 1), 255, np.uint8)
+    f = pixels(np.concatenate([black, white]))
+    assert f.shape == (2, 256) and pixels.dim is None  # no channel count given
+    assert np.linalg.norm(f[0] - f[1]) == pytest.approx(2.0)  # -1 vs +1 everywhere
+    image = np.asarray(a.images)[:1]
+    blocks = image[0, :, :, 0].astype(np.float64).reshape(16, 2, 16, 2).mean(axis=(1, 3)) / 127.5 - 1
+    assert np.allclose(pixels(image)[0], blocks.ravel() / 16, atol=1e-6)  # 2×2 area means, scaled by 1/√256
+    with pytest.raises(UserError, match="positive integer"):
+        extractors.pixel_extractor(0)

@@ -18,12 +18,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 from augment_gan import sample
-from augment_gan import synth as synth_module
+from augment_gan import imagefile
 from augment_gan.checkpoint import load_checkpoint
 from augment_gan.cli import app
 from augment_gan.config import TrainConfig
 from augment_gan.errors import UserError
-from augment_gan.synth import GROUP_SIZE, SynthConfig, default_lanes, make_plan, select, synth
+from augment_gan.plan import GROUP_SIZE, make_plan, select
+from augment_gan.sample import default_lanes
+from augment_gan.synth import SynthConfig, synth
 
 pytest_plugins = ["fixtures_run"]  # tiny_run, uncond_run, digits100 (session-scoped, shared with test_sample)
 
@@ -109,12 +111,12 @@ def test_png_writer_round_trips_real_images(shared_data):
         subset = load_folder(shared_data / name / ("3" if name == "mnist" else "flags"),
                              ReadOptions(resolution=32, channels=channels), progress=False, use_cache=False)
         images = np.ascontiguousarray(subset.images[:8])
-        for array, data in zip(images, synth_module.png_files(images)):
+        for array, data in zip(images, imagefile.png_files(images)):
             decoded = np.asarray(Image.open(io.BytesIO(data)))
             assert np.array_equal(decoded.reshape(array.shape), array)
             assert Image.open(io.BytesIO(data)).mode == ("L" if channels == "gray" else "RGB")
     with pytest.raises(ValueError):
-        synth_module.png_files(np.zeros((1, 4, 4, 2), np.uint8))
+        imagefile.png_files(np.zeros((1, 4, 4, 2), np.uint8))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,7 +192,7 @@ def test_resume_after_a_crash(ckpt, tmp_path, monkeypatch, filters):
     reference = tmp_path / "ref"
     synth(ckpt, reference, config(**filters))
     out = tmp_path / "out"
-    real_write = synth_module._write_chunk
+    real_write = imagefile._write_chunk
     calls = []
 
     def crashing(*args):
@@ -199,10 +201,10 @@ def test_resume_after_a_crash(ckpt, tmp_path, monkeypatch, filters):
             raise RuntimeError("simulated crash")
         return real_write(*args)
 
-    monkeypatch.setattr(synth_module, "_write_chunk", crashing)
+    monkeypatch.setattr(imagefile, "_write_chunk", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         synth(ckpt, out, config(batch_size=8, workers=1, **filters))
-    monkeypatch.setattr(synth_module, "_write_chunk", real_write)
+    monkeypatch.setattr(imagefile, "_write_chunk", real_write)
     done = sorted(out.rglob("*.png"))
     assert 0 < len(done) < 60 and not (out / "manifest.jsonl").exists()
     # What a kill leaves at worst: a half-written image and a stale temporary file.
@@ -233,7 +235,7 @@ def test_resume_after_sigkill(tiny_run, ckpt, tmp_path):
     assert summary.existing >= written_before - 4 and summary.images == 1000
     pngs = sorted(out.rglob("*.png"))
     assert len(pngs) == 1000 and not list(out.rglob("*.tmp-*"))
-    assert all(synth_module.readable_image(p, 32) for p in pngs)
+    assert all(imagefile.readable_image(p, 32) for p in pngs)
     assert len(manifest(out)) == 1000
     # Files written before and after the kill hold what the sampling API generates for their index.
     for i in (0, 1, 17, 500, 999):
