@@ -108,12 +108,13 @@ class AdaptiveP:
         self.rt = 0.0
 
     def accumulate(self, real_logits: torch.Tensor) -> None:
-        self.sign_sum += float(torch.sign(real_logits.detach()).sum())
+        # Summed on the logits' device: the host reads it only in `update`, every `ada_interval` steps.
+        self.sign_sum = self.sign_sum + torch.sign(real_logits.detach()).sum()
         self.count += real_logits.numel()
 
     def update(self, images_seen: int, reduce=None) -> None:
         """Adjust p from the accumulated statistic; `reduce` all-reduces (sum, count) across ranks."""
-        stats = torch.tensor([self.sign_sum, self.count], dtype=torch.float64)
+        stats = torch.tensor([float(self.sign_sum), self.count], dtype=torch.float64)
         if reduce is not None:
             reduce(stats)
         if stats[1] > 0:
@@ -123,7 +124,7 @@ class AdaptiveP:
         self.sign_sum, self.count = 0.0, 0.0
 
     def state(self) -> dict:
-        return {"p": self.p, "sign_sum": self.sign_sum, "count": self.count, "rt": self.rt}
+        return {"p": self.p, "sign_sum": float(self.sign_sum), "count": self.count, "rt": self.rt}
 
     def load_state(self, state: dict) -> None:
         self.p, self.sign_sum, self.count, self.rt = state["p"], state["sign_sum"], state["count"], state["rt"]

@@ -13,9 +13,9 @@ def rotate(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Rotate each image x[i] (N×C×H×W, square) by k[i]×90° counter-clockwise."""
     out = x
     for r in range(1, 4):
-        sel = (k == r).to(x.device)
-        if bool(sel.any()):
-            out = torch.where(sel.view(-1, 1, 1, 1), torch.rot90(x, r, dims=(2, 3)), out)
+        sel = k == r
+        if bool(sel.any()):  # k lives on the CPU (the step's draws): no device sync here
+            out = torch.where(sel.to(x.device).view(-1, 1, 1, 1), torch.rot90(x, r, dims=(2, 3)), out)
     return out
 
 

@@ -378,11 +378,16 @@ def _generate(run: _Run, jobs: list[tuple[Unit, list[int]]], batch_size: int, wo
     return time.perf_counter() - t_loop
 
 
-def synth(checkpoint: Any, out: str | Path, config: SynthConfig) -> SynthSummary:
-    """Write (this shard of) a synthetic set to `out`; returns what was done.
+def synth(checkpoint: Any, out: str | Path, config: SynthConfig | None = None, **options: Any) -> SynthSummary:
+    """Write (this shard of) a synthetic set to `out`; returns what was done (`augment-gan synth`).
 
-    `checkpoint` is a run directory, a checkpoint file, or an already loaded `Checkpoint`.
+    `checkpoint` is a run directory, a checkpoint file, or an already loaded `Checkpoint`. Give the
+    settings as a `SynthConfig` or as its fields: `synth("runs/digits", "synthetic/digits", n=1000)`.
     """
+    if config is None:
+        config = SynthConfig(**options)
+    elif options:
+        raise TypeError("give either a SynthConfig or its fields as keywords, not both")
     from augment_gan.sample import default_batch_size, default_lanes
 
     t_start = time.perf_counter()

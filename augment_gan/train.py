@@ -208,13 +208,36 @@ class _Budget:
                 f"pass {hint} to continue it")
 
 
+class _FiniteWatch:
+    """Watches the losses for NaN/inf without a host-device sync per step: the flags stay on the device and
+    `check` reads them every `log_every` steps and before every checkpoint, so a NaN state is never saved."""
+
+    def __init__(self) -> None:
+        self.first_bad: dict[str, torch.Tensor] = {}   # loss name -> first step it was not finite (-1: never)
+
+    def add(self, name: str, loss: torch.Tensor, step: int) -> None:
+        ok = torch.isfinite(loss.detach()).all()
+        prev = self.first_bad.get(name)
+        if prev is None:
+            prev = torch.full((), -1, dtype=torch.long, device=loss.device)
+        self.first_bad[name] = torch.where(ok | (prev >= 0), prev, torch.full_like(prev, step))
+
+    def check(self, step: int, last: Path | None, world: int) -> None:
+        bad = {name: int(t) for name, t in self.first_bad.items() if int(t) >= 0}
+        if any_rank(bool(bad), world):
+            name, at = min(bad.items(), key=lambda kv: kv[1]) if bad else ("another rank's", step)
+            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            raise TrainingDiverged(f"{name} loss became NaN/inf at step {at} (noticed at step {step}); stopped "
+                                   f"without saving; {where} (try a lower learning rate or --config with r1_gamma > 0)")
+
+
 class _Logger:
     """Averages the step's losses over `log_every` steps into log.jsonl, TensorBoard and the progress bar."""
 
     def __init__(self, config: TrainConfig, out_dir: Path, step: int, nimg: int, is_main: bool,
                  progress: bool) -> None:
         self.config, self.is_main = config, is_main
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor | float] = {}
         self.counts: dict[str, int] = {}  # steps that logged each loss (E's only every encoder_interval steps)
         self.window_start, self.window_nimg = time.monotonic(), nimg
         self.file = _open_log(out_dir / "log.jsonl", step) if is_main else None
@@ -227,8 +250,8 @@ class _Logger:
 
     def step(self, step: int, nimg: int, logs: dict[str, torch.Tensor], p: float, ada: diffaug.AdaptiveP,
              elapsed_s: float) -> None:
-        for k, v in logs.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+        for k, v in logs.items():   # summed on the device; read once per log_every steps
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
             self.counts[k] = self.counts.get(k, 0) + 1
         # The last step may pass the kimg budget by up to one batch: the bar stops at its total.
         self.bar.n = min(nimg / 1000, self.total) if self.total else nimg / 1000
@@ -240,7 +263,7 @@ class _Logger:
         record = {"step": step, "kimg": round(nimg / 1000, 4), "time_s": round(elapsed_s, 3),
                   "img_per_s": round((nimg - self.window_nimg) / max(now - self.window_start, 1e-9), 2),
                   "p": round(p, 5), "rt": round(ada.rt, 5),
-                  **{k: round(v / self.counts[k], 6) for k, v in self.sums.items()}}
+                  **{k: round(float(v) / self.counts[k], 6) for k, v in self.sums.items()}}
         self.sums, self.counts, self.window_start, self.window_nimg = {}, {}, now, nimg
         if not self.is_main:
             return
@@ -293,15 +316,18 @@ def _optimize(loss: torch.Tensor, opt: torch.optim.Optimizer, net: torch.nn.Modu
 
 # ----------------------------------------------------------------------------------------------------
 
-def fit(folder: str | Path, config: TrainConfig, out_dir: str | Path, *, resume: bool = False,
-        device: str = "auto", cache_dir: str | Path | None = None, progress: bool = True) -> Path:
-    """Train G, D and E on the images in `folder`; write checkpoints, grids and logs to `out_dir`.
+def fit(folder: str | Path, config: TrainConfig | None = None, out_dir: str | Path | None = None, *,
+        resume: bool = False, device: str = "auto", cache_dir: str | Path | None = None,
+        progress: bool = True) -> Path:
+    """Train G, D and E on the images in `folder`; write checkpoints, grids and logs to `out_dir` (`augment-gan fit`).
 
+    `config` defaults to `TrainConfig()` (5 wall-clock minutes at 32 px), `out_dir` to runs/<folder name>.
     Returns the path of the final checkpoint. With `resume=True`, continues the latest checkpoint in
     `out_dir` (step, kimg, adaptive p, optimizer, RNG and EMA state); only the fields in
     `RESUME_OVERRIDABLE` may differ from the saved config.
     """
-    out_dir = Path(out_dir)
+    config = config if config is not None else TrainConfig()
+    out_dir = Path(out_dir) if out_dir is not None else Path("runs") / (Path(folder).resolve().name or "run")
     rank, world, local_rank = dist_env()
     is_main = rank == 0
 
@@ -384,6 +410,7 @@ def _fit_locked(folder, config: TrainConfig, out_dir: Path, resume: bool, dev: t
     existing = list_checkpoints(out_dir)
     last_path: Path | None = existing[-1] if existing else None
     last_ckpt_time = time.monotonic()
+    watch = _FiniteWatch()
 
     # Train.
     try:
@@ -398,13 +425,13 @@ def _fit_locked(folder, config: TrainConfig, out_dir: Path, resume: bool, dev: t
             D.requires_grad_(True)
             loss_d, d_real, logs = objective.d_loss(x, y, draws)
             ada.accumulate(d_real)
-            _check_finite(loss_d, "D", step, last_path, world)
+            watch.add("D", loss_d, step)
             _optimize(loss_d, optims["D"], D, world)
 
             # Generator step: fool D on augmented fakes, plus G's tasks.
             D.requires_grad_(False)
             loss_g, logs_g = objective.g_loss(draws)
-            _check_finite(loss_g, "G", step, last_path, world)
+            watch.add("G", loss_g, step)
             _optimize(loss_g, optims["G"], G, world)
             logs.update(logs_g)
 
@@ -415,7 +442,7 @@ def _fit_locked(folder, config: TrainConfig, out_dir: Path, resume: bool, dev: t
             # Latent encoder: invert the EMA generator (E's loss never reaches G or D).
             if config.encoder_weight > 0 and step % config.encoder_interval == 0:
                 loss_e, logs_e = objective.encoder_loss(x, y, draws)
-                _check_finite(loss_e, "E", step, last_path, world)
+                watch.add("E", loss_e, step)
                 _optimize(loss_e, optims["E"], E, world)
                 logs.update(logs_e)
 
@@ -425,15 +452,22 @@ def _fit_locked(folder, config: TrainConfig, out_dir: Path, resume: bool, dev: t
                 ada.update(B * config.ada_interval, dist.all_reduce if world > 1 else None)
 
             # Logging, checkpoints, stop requests.
+            if step % config.log_every == 0:
+                watch.check(step, last_path, world)
             logger.step(step, nimg, logs, p, ada, budget.elapsed())
-            if is_main and time.monotonic() - last_ckpt_time >= config.checkpoint_minutes * 60:
-                last_path = _save(run, step, nimg, budget.elapsed())
+            due = is_main and time.monotonic() - last_ckpt_time >= config.checkpoint_minutes * 60
+            if any_rank(due, world) if world > 1 else due:   # rank 0's clock decides for every rank
+                watch.check(step, last_path, world)
+                if is_main:
+                    last_path = _save(run, step, nimg, budget.elapsed())
                 last_ckpt_time = time.monotonic()
             if any_rank(stop.signal is not None, world):
+                watch.check(step, last_path, world)
                 if is_main:
                     last_path = _save(run, step, nimg, budget.elapsed())
                 raise Interrupted(f"interrupted at kimg {nimg / 1000:.2f}; saved {last_path}; "
                                   "continue with the same command plus --resume")
+        watch.check(step, last_path, world)
         if is_main:
             last_path = _save(run, step, nimg, budget.elapsed())
         if world > 1:
@@ -442,14 +476,6 @@ def _fit_locked(folder, config: TrainConfig, out_dir: Path, resume: bool, dev: t
     finally:
         logger.close()
     return last_path
-
-
-def _check_finite(loss: torch.Tensor, name: str, step: int, last: Path | None, world: int) -> None:
-    """Stop the run on NaN/inf (all ranks agree); the last good checkpoint on disk is kept as is."""
-    if any_rank(not bool(torch.isfinite(loss.detach()).all()), world):
-        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        raise TrainingDiverged(f"{name} loss became NaN/inf at step {step}; stopped without saving; {where} "
-                               "(try a lower learning rate or --config with r1_gamma > 0)")
 
 
 def _tensorboard(out_dir: Path):

@@ -103,8 +103,16 @@ def _remove_old_outputs(out: Path, keep: set[str]) -> None:
     clear_outputs(out, lambda rel: rel in listed and rel not in keep and rel.endswith(".png"))
 
 
-def vary(checkpoint: Any, source: str | Path, out: str | Path, config: VaryConfig) -> VarySummary:
-    """Write `config.n` variations of every image of `source` (a file or a folder) into `out`."""
+def vary(checkpoint: Any, source: str | Path, out: str | Path, config: VaryConfig | None = None,
+         **options: Any) -> VarySummary:
+    """Write `config.n` variations of every image of `source` (a file or a folder) into `out` (`augment-gan vary`).
+
+    Give the settings as a `VaryConfig` or as its fields: `vary("runs/digits", "examples/digits", "var", n=4)`.
+    """
+    if config is None:
+        config = VaryConfig(**options)
+    elif options:
+        raise TypeError("give either a VaryConfig or its fields as keywords, not both")
     import torch
     from tqdm import tqdm
 
