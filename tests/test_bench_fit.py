@@ -31,31 +31,42 @@ def digits(tmp_path: Path, shared_data: Path) -> Path:
 
 def test_short_run_writes_table_results_and_grids(tmp_path: Path, digits: Path):
     out = tmp_path / "out"
-    cmd = [sys.executable, str(BENCHMARKS / "bench_fit.py"), "--datasets", f"digits={digits}",
-           "--minutes", "0.03", "--samples", "100", "--classifier-steps", "15", "--threads", "1", "--out", str(out)]
+    cmd = [sys.executable, str(BENCHMARKS / "bench_fit.py"), "--datasets", f"digits={digits}", "--seeds", "0,1",
+           "--minutes", "0.03", "--samples", "100", "--classifier-steps", "15", "--threads", "1",
+           "--variants", "dcgan,dcgan-b32,default", "--curve-minutes", "0.005", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    assert "| dataset | model | kimg (steps) | FD ↓ | FD / DCGAN FD | final p |" in proc.stdout
-    assert "| digits | dcgan |" in proc.stdout and "| digits | default |" in proc.stdout
+    assert "| dataset | seed | model | steps | img/s | FD ↓ | KID ×10³ ↓ | FD / best DCGAN | final p |" in proc.stdout
+    for seed in (0, 1):
+        for model in ("dcgan", "dcgan-b32", "default"):
+            assert f"| digits | {seed} | {model} |" in proc.stdout
     assert "real-vs-real floor FD" in proc.stdout and "test accuracy" in proc.stdout
+    assert "each model alone" in proc.stdout and "FD by step" in proc.stdout
 
     results = json.loads((out / "results.json").read_text())
-    ds = results["datasets"]["digits"]
-    assert ds["images"] == 72 and ds["channels"] == 1 and ds["classes"] == ["0", "1", "7"]
-    assert 0.0 <= ds["classifier"]["test_accuracy"] <= 1.0
-    assert list(ds["models"]) == ["dcgan", "default"]
-    dcgan, default = ds["models"]["dcgan"], ds["models"]["default"]
-    for r in (dcgan, default):
-        assert r["steps"] >= 1 and math.isfinite(r["fd"])
+    assert results["clock"] == "wall" and results["seeds"] == [0, 1]
+    assert [(r["dataset"], r["seed"]) for r in results["runs"]] == [("digits", 0), ("digits", 1)]
+    run = results["runs"][0]
+    assert run["images"] == 72 and run["channels"] == 1 and run["classes"] == ["0", "1", "7"]
+    assert 0.0 <= run["classifier"]["test_accuracy"] <= 1.0
+    assert list(run["models"]) == ["dcgan", "dcgan-b32", "default"]
+    dcgan, b32, default = (run["models"][m] for m in ("dcgan", "dcgan-b32", "default"))
+    assert dcgan["batch_size"] == 64 and b32["batch_size"] == 32
+    for r in (dcgan, b32, default):
+        assert r["steps"] >= 1 and math.isfinite(r["fd"]) and math.isfinite(r["kid"]) and r["img_per_s"] > 0
         # A GAN trained for seconds is far from the data; two halves of the real set are not.
-        assert r["fd"] > ds["floor"]["fd"]
+        assert r["fd"] > run["floor"]["fd"]
         grid = Image.open(out / r["grid"])
         assert grid.size == (8 * 34 + 2, 8 * 34 + 2)  # 64 of the 100 samples, 32px tiles + 2px gaps
-    assert dcgan["fd_ratio"] is None
-    assert default["fd_ratio"] == pytest.approx(default["fd"] / dcgan["fd"])
+    best = min(("dcgan", "dcgan-b32"), key=lambda m: run["models"][m]["fd"])
+    assert run["best_dcgan"] == best
+    assert default["fd_ratio"] == pytest.approx(default["fd"] / run["models"][best]["fd"])
     assert 0.0 <= default["ada_p"] <= 1.0 and default["overrides"] == {}
     assert Path(default["checkpoint"]).is_file()
+    # The curve scores every checkpoint of the run, the last one being the final model.
+    curve = default["curve"]
+    assert len(curve) >= 1 and curve[-1]["step"] == default["steps"] and curve[-1]["fd"] == pytest.approx(default["fd"])
     assert (out / "table.md").read_text().strip() in proc.stdout
 
 
@@ -70,11 +81,13 @@ def test_bad_arguments_are_one_line_errors(bench, tmp_path: Path, digits: Path, 
     assert bench.main(["--datasets", f"d={digits}", "--out", str(busy)]) == 1
     assert "is not empty" in capsys.readouterr().err
     assert (busy / "results.json").read_text() == "{}"
+    assert bench.main(["--datasets", f"d={digits}", "--seeds", "a", "--out", str(tmp_path / "c")]) == 1
+    assert "--seeds must be comma-separated integers" in capsys.readouterr().err
 
 
 def test_model_selection(bench):
     args = bench.parse_args([])
-    assert bench.resolve_models(args) == ["dcgan", "default"]
+    assert bench.resolve_models(args) == ["dcgan", "dcgan-b32", "default"]
     assert bench.resolve_models(bench.parse_args(["--ablations"])) == list(bench.MODELS)
     assert bench.resolve_models(bench.parse_args(["--ablations", "--variants", "diffaug-off,default"])) == [
         "diffaug-off", "default"]
