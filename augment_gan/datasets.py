@@ -3,7 +3,8 @@
 Every dataset here returns `(PIL image, int label)` like `torchvision.datasets.ImageFolder`, so the
 user's `transform=` (a torchvision transform or an augment-gan `Recipe`) works unchanged. None of them
 augments anything itself. Mixing them with real data (`MixedDataset`, `MixedSampler`,
-`DistributedMixedSampler`) lives in `augment_gan.mixing`; those names import from here too.
+`DistributedMixedSampler`) lives in `augment_gan.mixing`; those names import from here too. A set written
+with `synth --format tar` is read with `SyntheticTarDataset`, any other with `SyntheticImageFolder`.
 
 Sizes. A synthetic image has the generator's resolution (32 px and up), which need not be the real
 images' (28 px MNIST). `size=` resizes every image before `transform`; `MixedDataset` sets it to the
@@ -17,6 +18,7 @@ cannot be aligned to classes.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
@@ -27,9 +29,12 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.datasets import VisionDataset
+from torchvision.datasets.vision import StandardTransform
 
 from augment_gan.errors import UserError
-from augment_gan.manifest import MANIFEST, read_manifest
+from augment_gan.manifest import MANIFEST, ManifestRow, read_manifest
+from augment_gan.tarshards import SHARD_NAME, TAR_FORMAT, TAR_IMAGE_FORMAT, read_shard
 
 UNLABELED = -1
 """Label of images from an unconditional generator."""
@@ -91,6 +96,20 @@ def _align_classes(own: list[str], class_to_idx: dict[str, int] | None, present:
 # ----------------------------------------------------------------------------------------------------------
 # Synthetic images on disk.
 
+def _synth_settings(root: Path) -> dict[str, Any]:
+    """The synth.json of a synthetic folder."""
+    path = root / "synth.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{root} has no synth.json, so it was not written by `augment-gan synth`") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg})") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return info
+
+
 def as_size(size: Any) -> tuple[int, int] | None:
     """A `size=` argument as (height, width): an int is a square side, as in torchvision's `Resize`."""
     if size is None:
@@ -117,7 +136,38 @@ def _transformed(image, target, transform, target_transform):
         target = target_transform(target)
     return image, target
 
-class SyntheticImageFolder(Dataset):
+def _synthetic_records(root: Path) -> tuple[list[dict[str, Any]], list[str], bool]:
+    """(manifest records, the generator's classes, conditional?) of a synth/vary folder, checked."""
+    if not root.is_dir():
+        raise UserError(f"synthetic folder not found: {root}")
+    manifest = root / MANIFEST
+    if not manifest.is_file():
+        raise UserError(f"{root} has no {MANIFEST}, so it was not written by `augment-gan synth` "
+                        "(for a plain folder of images use torchvision's ImageFolder)")
+    info = _synth_settings(root) if (root / "synth.json").is_file() else {}
+    if info.get("format") == TAR_FORMAT:
+        raise UserError(f"{root} holds tar shards (`synth --format tar`); read it with SyntheticTarDataset")
+    records = [{**row.to_dict(), "_line": row.line} for row in read_manifest(manifest)]
+
+    labeled = {r["class"] is not None for r in records}
+    if len(labeled) > 1:
+        raise UserError(f"{manifest}: some entries have a class and some do not")
+    conditional = labeled == {True}
+    own = list(info.get("classes") or []) if conditional else []
+    if conditional and own:
+        # `label` indexes the checkpoint's classes (synth.json); a disagreement means a mixed-up folder.
+        for r in records:
+            label = r["label"]
+            if r["class"] not in own or not isinstance(label, int) or not 0 <= label < len(own) \
+                    or own[label] != r["class"]:
+                raise UserError(f"{manifest}:{r['_line']}: class {r['class']!r} and label {label!r} do not "
+                                f"match the classes in synth.json {own}")
+    elif conditional:  # no synth.json: the classes named in the manifest, in ImageFolder's order
+        own = sorted({r["class"] for r in records})
+    return records, own, conditional
+
+
+class SyntheticImageFolder(VisionDataset):
     """Images written by `augment-gan synth` (or `vary`), read through its manifest (`augment_gan.manifest`).
 
     Only images marked `kept: true` that exist on disk are used (filtered and deleted files are skipped,
@@ -126,43 +176,23 @@ class SyntheticImageFolder(Dataset):
     for a generator trained on that folder is the same as ImageFolder's. Unconditional sets have label -1.
     `size` (an int or (height, width)) resizes every image before `transform`; None keeps the files' size.
 
-    Attributes mirror ImageFolder: `root`, `classes`, `class_to_idx`, `samples` (list of (path, label)),
-    `targets`, `imgs`; plus `records`, the manifest entry of each sample.
+    A torchvision `VisionDataset` with ImageFolder's interface, so code written for ImageFolder takes it
+    unchanged: `transform`, `target_transform` (read at every access, so they can be replaced later) or a
+    joint `transforms(image, target)`, `loader`, `find_classes`, and the attributes `root`, `classes`,
+    `class_to_idx`, `samples` (list of (path, label)), `targets`, `imgs`; plus `records`, the manifest entry
+    of each sample.
     """
 
     def __init__(self, path: str | os.PathLike, transform: Callable | None = None,
                  class_to_idx: dict[str, int] | None = None, *, target_transform: Callable | None = None,
-                 loader: Callable[[str], Any] = default_loader, size: int | tuple[int, int] | None = None):
+                 transforms: Callable | None = None, loader: Callable[[str], Any] = default_loader,
+                 size: int | tuple[int, int] | None = None):
+        if transforms is not None and (transform is not None or target_transform is not None):
+            raise UserError("pass either transforms or transform/target_transform, not both (as for VisionDataset)")
         root = Path(path)
-        if not root.is_dir():
-            raise UserError(f"synthetic folder not found: {root}")
         manifest = root / MANIFEST
-        if not manifest.is_file():
-            raise UserError(f"{root} has no {MANIFEST}, so it was not written by `augment-gan synth` "
-                            "(for a plain folder of images use torchvision's ImageFolder)")
-        records = [{**row.to_dict(), "_line": row.line} for row in read_manifest(manifest)]
-        info = {}
-        if (root / "synth.json").is_file():
-            try:
-                info = json.loads((root / "synth.json").read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{root / 'synth.json'}: not valid JSON ({exc.msg})") from None
-
-        labeled = {r["class"] is not None for r in records}
-        if len(labeled) > 1:
-            raise UserError(f"{manifest}: some entries have a class and some do not")
-        conditional = labeled == {True}
-        own = list(info.get("classes") or []) if conditional else []
-        if conditional and own:
-            # `label` indexes the checkpoint's classes (synth.json); a disagreement means a mixed-up folder.
-            for r in records:
-                label = r["label"]
-                if r["class"] not in own or not isinstance(label, int) or not 0 <= label < len(own) \
-                        or own[label] != r["class"]:
-                    raise UserError(f"{manifest}:{r['_line']}: class {r['class']!r} and label {label!r} do not "
-                                    f"match the classes in synth.json {own}")
-        elif conditional:  # no synth.json: the classes named in the manifest, in ImageFolder's order
-            own = sorted({r["class"] for r in records})
+        records, own, conditional = _synthetic_records(root)
+        super().__init__(root, transforms=transforms, transform=transform, target_transform=target_transform)
 
         kept = [r for r in records if r["kept"] is True]
         usable = [r for r in kept if (root / r["file"]).is_file()]
@@ -173,8 +203,6 @@ class SyntheticImageFolder(Dataset):
             own, class_to_idx, {r["class"] for r in usable}, f"synthetic set {root}")
 
         self.root = root
-        self.transform = transform
-        self.target_transform = target_transform
         self.loader = loader
         self.size = as_size(size)
         self.records = usable
@@ -186,12 +214,141 @@ class SyntheticImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+        """The classes of the synthetic set in `directory`, as `ImageFolder.find_classes` returns them: the
+        generator's class names in its order (synth.json), else those the manifest names, sorted; ([], {})
+        for an unconditional set."""
+        _, own, _ = _synthetic_records(Path(directory))
+        return list(own), {name: i for i, name in enumerate(own)}
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
         path, target = self.samples[index]
-        return _transformed(_resize(self.loader(path), self.size), target, self.transform, self.target_transform)
+        image = _resize(self.loader(path), self.size)
+        if self.transforms is not None and not isinstance(self.transforms, StandardTransform):
+            return self.transforms(image, target)  # a joint transform, given as `transforms=`
+        # ImageFolder reads these two at every access, so code that swaps `dataset.transform` works here too.
+        return _transformed(image, target, self.transform, self.target_transform)
 
     def __repr__(self) -> str:
         return f"SyntheticImageFolder({str(self.root)!r}, {len(self)} images, {len(self.classes)} classes)"
+
+
+class SyntheticTarDataset(Dataset):
+    """Images written by `augment-gan synth --format tar`, read from the set's tar shards (`augment_gan.tarshards`).
+
+    Item i is the image with the i-th smallest final index: the order `SyntheticImageFolder` gives the same
+    set written as files, in every process and every run. Being map-style and deterministic, it works with
+    any sampler: under DDP each rank builds the same index and reads only what its `DistributedSampler` (or
+    `DistributedMixedSampler`) gives it. Shards are opened lazily by each process, so DataLoader workers and
+    ranks have their own file handles and none is pickled.
+
+    Labels come from the `<index>.cls` members (the checkpoint's class index), aligned to `class_to_idx` by
+    class name as in `SyntheticImageFolder`; unconditional sets have label -1. `row(i)` is item i's manifest
+    row (its `<index>.json` member). `mode` is the PIL mode of the returned images ("RGB" like ImageFolder,
+    "L", or None for the files' own); `size` (an int or (height, width)) resizes every image before
+    `transform`. Attributes: `root`, `classes`, `class_to_idx`, `targets`, `shards` (file names), `indices`
+    (the final index of each item).
+    """
+
+    def __init__(self, path: str | os.PathLike, transform: Callable | None = None,
+                 class_to_idx: dict[str, int] | None = None, *, target_transform: Callable | None = None,
+                 mode: str | None = "RGB", size: int | tuple[int, int] | None = None):
+        root = Path(path)
+        if not root.is_dir():
+            raise UserError(f"synthetic folder not found: {root}")
+        if mode not in (None, "RGB", "L"):
+            raise UserError(f"mode must be 'RGB', 'L' or None, got {mode!r}")
+        info = _synth_settings(root)
+        if info.get("format") != TAR_FORMAT:
+            raise UserError(f"{root} was not written by `augment-gan synth --format tar` (its synth.json says "
+                            f"format {info.get('format')!r}); read it with SyntheticImageFolder")
+        if not (root / MANIFEST).is_file():
+            raise UserError(f"{root} has no {MANIFEST}, so the set is incomplete: run its remaining `synth --shard` "
+                            "processes (or the same command again) first")
+        own = list(info.get("classes") or []) if info.get("conditional") else []
+        ext = "." + TAR_IMAGE_FORMAT
+
+        self.shards = sorted(name for name in os.listdir(root) if SHARD_NAME.match(name))
+        found: dict[int, list] = {}  # final index -> [shard, image offset, size, json offset, size, label]
+        for s, shard in enumerate(self.shards):
+            for name, offset, length, data in read_shard(root / shard, contents=(".cls",)):
+                stem, dot, suffix = name.rpartition(".")
+                if not dot or not stem.isdigit():
+                    continue
+                entry = found.setdefault(int(stem), [s, -1, 0, -1, 0, None])
+                if suffix == ext[1:]:
+                    entry[1:3] = offset, length
+                elif suffix == "json":
+                    entry[3:5] = offset, length
+                elif suffix == "cls":
+                    entry[5] = int(data)
+        rows = np.array(sorted((k, *v[:5], -1 if v[5] is None else v[5]) for k, v in found.items()),
+                        dtype=np.int64).reshape(-1, 7)
+        broken = rows[(rows[:, 2] < 0) | ((rows[:, 6] < 0) if own else (rows[:, 6] >= 0)) | (rows[:, 6] >= len(own))]
+        if len(broken):
+            index, shard = int(broken[0, 0]), self.shards[int(broken[0, 1])]
+            raise UserError(f"{root / shard}: sample {index:06d} lacks its {ext} image"
+                            + (" or its .cls label (in range of synth.json's classes)" if own else
+                               " or has a label, but the set is unconditional"))
+        self.indices = rows[:, 0]
+        self._shard, self._offset, self._size, self._json_offset, self._json_size = rows[:, 1:6].T.copy()
+        labels = rows[:, 6]
+        present = {own[i] for i in np.unique(labels)} if own else set()
+        self.class_to_idx, self.classes = _align_classes(own, class_to_idx, present, f"synthetic set {root}")
+        if own:
+            remap = np.array([self.class_to_idx[name] for name in own], dtype=np.int64)
+            self.targets = remap[labels].tolist()
+        else:
+            self.targets = [UNLABELED] * len(rows)
+        self.root = root
+        self.transform, self.target_transform = transform, target_transform
+        self.mode = mode
+        self.size = as_size(size)
+        self._files: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _read(self, shard: int, offset: int, size: int) -> bytes:
+        if self._pid != os.getpid():  # a forked DataLoader worker: its own handles, not the parent's
+            self._files, self._pid = {}, os.getpid()
+        f = self._files.get(shard)
+        if f is None:
+            f = self._files[shard] = open(self.root / self.shards[shard], "rb")
+        f.seek(offset)
+        return f.read(size)
+
+    def __getitem__(self, index: int):
+        data = self._read(int(self._shard[index]), int(self._offset[index]), int(self._size[index]))
+        image = Image.open(io.BytesIO(data))
+        if self.mode is not None and image.mode != self.mode:
+            image = image.convert(self.mode)
+        else:
+            image.load()
+        return _transformed(_resize(image, self.size), self.targets[index], self.transform, self.target_transform)
+
+    def row(self, index: int) -> ManifestRow:
+        """Item `index`'s manifest row, read from its shard."""
+        if self._json_offset[index] < 0:
+            raise UserError(f"{self.root}: sample {int(self.indices[index]):06d} has no .json member")
+        data = self._read(int(self._shard[index]), int(self._json_offset[index]), int(self._json_size[index]))
+        return ManifestRow.from_dict(json.loads(data))
+
+    def close(self) -> None:
+        """Close the shard files this process opened (they reopen on the next read)."""
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_files"] = {}
+        return state
+
+    def __repr__(self) -> str:
+        return (f"SyntheticTarDataset({str(self.root)!r}, {len(self)} images in {len(self.shards)} shards, "
+                f"{len(self.classes)} classes)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -218,7 +375,7 @@ class GeneratorDataset(Dataset):
                  transform: Callable | None = None, batch_size: int = 64, device: str = "cpu",
                  class_to_idx: dict[str, int] | None = None, mode: str | None = "RGB",
                  target_transform: Callable | None = None, size: int | tuple[int, int] | None = None):
-        from augment_gan.checkpoint import load_checkpoint, resolve_checkpoint
+        from augment_gan.checkpoint import load_checkpoint
 
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise UserError(f"n must be a non-negative integer, got {n!r}")
@@ -228,8 +385,8 @@ class GeneratorDataset(Dataset):
             raise UserError(f"truncation must be >= 0, got {truncation!r}")
         if mode not in (None, "RGB", "L"):
             raise UserError(f"mode must be 'RGB', 'L' or None, got {mode!r}")
-        self.path = resolve_checkpoint(checkpoint)
-        ckpt = load_checkpoint(self.path, device=device)
+        ckpt = load_checkpoint(checkpoint, device=device)  # a run directory: its newest checkpoint, checked
+        self.path = ckpt.path
         self.digest = ckpt.digest
         self.n, self.seed, self.truncation = n, int(seed), float(truncation)
         self.batch_size, self.device, self.mode = batch_size, device, mode

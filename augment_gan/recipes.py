@@ -9,6 +9,11 @@ A recipe is a YAML file with four top-level keys:
     real: {__version__: ..., transform: {...}}   # exactly what `albumentations.to_dict`/`A.save` write
     synthetic: null            # optional: a different pipeline for synthetic images (null: same as real)
 
+Recipes interoperate with albumentations both ways. Each pipeline is exactly a file `A.save(transform, path,
+data_format="yaml")` writes, so `augment-gan recipes show NAME --part real` (`export_part`) gives a file that
+`A.load(path, data_format="yaml")` reads; and `load_recipe` reads a file written by `A.save` as a recipe
+whose real and synthetic images get that pipeline, with `DEFAULT_MIX`.
+
 Each pipeline is a top-level `Compose` that ends with `Normalize` (or `ToFloat`) followed by `ToTensorV2`:
 that tail turns the uint8 image into a float C×H×W tensor, and everything before it (the "image part")
 keeps uint8 pixels, so `augment-gan merge` can write augmented images to disk with the same recipe.
@@ -39,6 +44,9 @@ RECIPE_KEYS = ("description", "mix", "real", "synthetic")
 MIX_KEYS = ("use_synthetic", "synthetic_ratio")
 PIPELINE_KEYS = ("__version__", "transform")
 PARTS = ("real", "synthetic")
+DEFAULT_MIX = {"use_synthetic": True, "synthetic_ratio": 0.25}
+"""The mix of a recipe loaded from a bare albumentations file: the `standard` recipe's (25% and 50% synthetic
+gave the same few-shot gain within 0.3 pp, benchmarks/RESULTS.md; 25% costs fewer synthetic images)."""
 
 # Transforms that end a pipeline: they leave uint8 image space, so they may only appear in the tail.
 _TO_FLOAT = ("Normalize", "ToFloat")
@@ -73,7 +81,8 @@ def list_recipes() -> list[str]:
 
 def _looks_like_path(name_or_path: str | os.PathLike) -> bool:
     text = os.fspath(name_or_path)
-    return isinstance(name_or_path, os.PathLike) or text.endswith((".yaml", ".yml")) or "/" in text or os.sep in text
+    return (isinstance(name_or_path, os.PathLike) or text.endswith((".yaml", ".yml", ".json")) or "/" in text
+            or os.sep in text)
 
 
 def read_recipe_text(name_or_path: str | os.PathLike) -> tuple[str, str]:
@@ -278,14 +287,27 @@ def _parse_mix(mix: Any, where: str) -> tuple[bool, float]:
     return use, float(ratio)
 
 
+def is_albumentations_file(data: Any) -> bool:
+    """Whether parsed YAML is a bare albumentations pipeline (`A.save`'s `{__version__, transform}`)."""
+    return isinstance(data, dict) and "transform" in data and set(map(str, data)) <= set(PIPELINE_KEYS)
+
+
 def parse_recipe(text: str, where: str = "recipe") -> dict[str, Any]:
-    """Safe-load and check a recipe's YAML text; returns the raw mapping (pipelines are checked by building)."""
+    """Safe-load and check a recipe's YAML text; returns the raw mapping (pipelines are checked by building).
+
+    A bare albumentations pipeline (a file `A.save` wrote) becomes a recipe with that pipeline for real
+    and synthetic images and `DEFAULT_MIX`.
+    """
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise UserError(f"{where} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if is_albumentations_file(data):
+        data = {"description": "an albumentations pipeline (albumentations.save), default mix",
+                "mix": dict(DEFAULT_MIX), "real": data, "synthetic": None}
     if not isinstance(data, dict):
-        raise UserError(f"{where} must be a YAML mapping with keys {', '.join(RECIPE_KEYS)}")
+        raise UserError(f"{where} must be a YAML mapping with keys {', '.join(RECIPE_KEYS)}, or a pipeline "
+                        "written by albumentations.save")
     unknown = sorted(set(map(str, data)) - set(RECIPE_KEYS))
     if unknown:
         raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; expected {', '.join(RECIPE_KEYS)}")
@@ -420,7 +442,34 @@ def load_recipe(name_or_path: str | os.PathLike, *, part: str = "real", seed: in
     Returns a `Recipe`: a callable for torchvision's `transform=` (PIL image or uint8 ndarray in, float
     C×H×W tensor in [-1, 1] out for the shipped recipes). `part="synthetic"` selects the pipeline for
     synthetic images (the real one when the recipe has none). `seed` fixes the augmentation stream.
+    A file written by `albumentations.save` (YAML or JSON) loads too, with `DEFAULT_MIX`; its pipeline
+    must end with Normalize (or ToFloat) and ToTensorV2, like a recipe's.
     """
     name, text = read_recipe_text(name_or_path)
     data = parse_recipe(text, f"recipe {name}")
     return Recipe(name, data, part=part, seed=seed)
+
+
+def check_recipe(name_or_path: str | os.PathLike) -> str:
+    """Find and parse a recipe without building its pipelines (no albumentations import): the cheap check a
+    command runs before any work. Returns its name; `load_recipe` still checks the pipelines in full."""
+    name, text = read_recipe_text(name_or_path)
+    parse_recipe(text, f"recipe {name}")
+    return name
+
+
+def export_part(name_or_path: str | os.PathLike, part: str = "real") -> str:
+    """One pipeline of a recipe as YAML that `albumentations.load(path, data_format="yaml")` reads.
+
+    `part="synthetic"` of a recipe without a synthetic pipeline gives the real one (what synthetic images
+    get). The pipeline is checked first (`load_recipe`), so what is exported builds.
+    """
+    if part not in PARTS:
+        raise UserError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
+    recipe = load_recipe(name_or_path, part=part)
+    spec = recipe._spec
+    which = part if recipe._data.get("synthetic") is not None or part == "real" else "real"
+    header = (f"# {which} pipeline of recipe {recipe.name}{'' if which == part else ' (it has no synthetic one)'}, "
+              "in albumentations' serialised form:\n# albumentations.load(path, data_format=\"yaml\") or "
+              "augment_gan.load_recipe(path) reads it.\n")
+    return header + yaml.safe_dump(spec, sort_keys=False, allow_unicode=True)

@@ -3,7 +3,7 @@ grids, loss and adaptive-augmentation curves from `log.jsonl`, and optionally th
 nearest-neighbour pairs of a synthetic set.
 
 Reads only what `fit` writes into a run directory (`log.jsonl`, `grids/grid-<step>.png`, `config.json`,
-`checkpoints/ckpt-<step>.json`); plots need matplotlib (the `report` extra).
+`checkpoints/ckpt-<step>.json`); plots need matplotlib.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import Any
 
 from augment_gan.atomic import write_bytes_atomic
 from augment_gan.errors import UserError
+from augment_gan.outputs import check_room, removed_on_failure
 from augment_gan.runmeta import latest_meta
 
 LOSS_KEYS = ("loss_d", "loss_g")
@@ -33,7 +34,7 @@ def _matplotlib():
         matplotlib.use("Agg")  # files only, never a window (works on headless servers)
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("report needs matplotlib: pip install 'augment-gan[report]'") from None
+        raise UserError("report needs matplotlib, a dependency of augment-gan: pip install matplotlib") from None
     return plt
 
 
@@ -302,7 +303,13 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, real: st
     if metrics_file is not None and real is not None:
         raise UserError("pass either --metrics or --real/--synthetic, not both")
     _matplotlib()
+    with removed_on_failure(out.parent):  # a failed report leaves no new folder behind
+        check_room(out.parent)  # a read-only --out fails now, not after the page is built
+        return _write_report(run_dir, out, real, synthetic, metrics_file, eval_config, progress)
 
+
+def _write_report(run_dir: Path, out: Path, real: str | Path | None, synthetic: str | Path | None,
+                  metrics_file: str | Path | None, eval_config: Any, progress: bool) -> Path:
     evaluation, pairs = None, None
     if metrics_file is not None:
         path = Path(metrics_file)

@@ -5,6 +5,8 @@ import json
 
 import click
 
+from augment_gan.recipes import PARTS
+
 
 @click.group("recipes")
 def command() -> None:
@@ -47,14 +49,24 @@ def list_command(as_json: bool) -> None:
 
 @command.command("show")
 @click.argument("name")
-def show_command(name: str) -> None:
+@click.option("--part", type=click.Choice(PARTS), default=None,
+              help="Print only this pipeline, in the form albumentations.load(path, data_format='yaml') reads.")
+def show_command(name: str, part: str | None) -> None:
     """Print a recipe's YAML (a shipped name, or a path to a recipe file, which is checked first).
 
-    \b
-    Example:
-      augment-gan recipes show heavy
-    """
-    from augment_gan.recipes import load_recipe, read_recipe_text
+    With --part, print one pipeline as albumentations serialises it: the file loads with
+    `albumentations.load(path, data_format="yaml")`, and a file written by `albumentations.save` loads
+    as a recipe (`--recipe PATH`, `load_recipe(PATH)`) with the default mix.
 
+    \b
+    Examples:
+      augment-gan recipes show heavy
+      augment-gan recipes show standard --part real > real.yaml   # for albumentations.load
+    """
+    from augment_gan.recipes import export_part, load_recipe, read_recipe_text
+
+    if part is not None:
+        click.echo(export_part(name, part), nl=False)
+        return
     load_recipe(name)  # a file that does not load is an error, not something to copy
     click.echo(read_recipe_text(name)[1], nl=False)

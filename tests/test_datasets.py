@@ -58,6 +58,26 @@ def test_synthetic_folder_with_recipe_transform(fake_synth_folder, real_digits):
     assert batch_x.shape == (16, 3, 32, 32) and batch_y.shape == (16,)
 
 
+def test_synthetic_folder_is_a_vision_dataset_like_image_folder(fake_synth_folder, real_digits):
+    from torchvision.datasets import VisionDataset
+
+    synthetic = SyntheticImageFolder(fake_synth_folder, transform=lambda im: im.size, target_transform=str)
+    assert isinstance(synthetic, VisionDataset)
+    # What code written for ImageFolder touches is there, with the same meaning.
+    for name in ("root", "transform", "target_transform", "transforms", "loader", "classes", "class_to_idx",
+                 "samples", "targets", "imgs", "find_classes"):
+        assert hasattr(synthetic, name) and hasattr(real_digits, name), name
+    assert synthetic.find_classes(fake_synth_folder) == (synthetic.classes, synthetic.class_to_idx)
+    assert synthetic.classes == real_digits.classes
+    assert synthetic[0] == ((32, 32), "0")
+    synthetic.transform = None  # swapped after construction, as with ImageFolder
+    assert isinstance(synthetic[0][0], Image.Image)
+    joint = SyntheticImageFolder(fake_synth_folder, transforms=lambda im, y: (im.mode, y + 100))
+    assert joint[0] == ("RGB", 100)
+    with pytest.raises(UserError, match="either transforms or transform"):
+        SyntheticImageFolder(fake_synth_folder, transform=str, transforms=lambda im, y: (im, y))
+
+
 def test_labels_are_remapped_by_class_name(tmp_path, shared_data, real_digits):
     # A generator trained on digits 3 and 7 only numbers them 0 and 1; aligned to the full real set they
     # must become 3 and 7. The real classes the synthetic set lacks are a warning, not an error.

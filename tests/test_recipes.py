@@ -228,3 +228,17 @@ def test_importing_recipes_turns_off_the_albumentations_update_check():
     import os
 
     assert os.environ.get("NO_ALBUMENTATIONS_UPDATE") == "1"
+
+
+def test_an_albumentations_json_file_loads_and_a_bare_pipeline_is_strict(tmp_path):
+    from augment_gan.recipes import DEFAULT_MIX
+
+    A.save(load_recipe("light", seed=1).pipeline, str(tmp_path / "light.json"), data_format="json")
+    recipe = load_recipe(tmp_path / "light.json", seed=1)
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert torch.equal(recipe(image), load_recipe("light", seed=1)(image))
+    assert (recipe.use_synthetic, recipe.synthetic_ratio) == tuple(DEFAULT_MIX.values())
+    # Without the tensor tail, the same strict rule as for a recipe file.
+    A.save(A.Compose([A.HorizontalFlip(p=0.5)]), str(tmp_path / "flip.yaml"), data_format="yaml")
+    with pytest.raises(UserError, match="must end with Normalize"):
+        load_recipe(tmp_path / "flip.yaml")
