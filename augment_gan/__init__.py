@@ -9,8 +9,8 @@ The Python API mirrors the command line, one function per command, each with its
     ag.evaluate("examples/digits", "synthetic/digits")                             # augment-gan evaluate
 
 `vary`, `merge`, `report` and `inspect` follow the same pattern; the torchvision-facing datasets
-(`SyntheticImageFolder`, `GeneratorDataset`, `MixedDataset`) and `load_recipe` are here too. Each
-function's docstring is its reference.
+(`SyntheticImageFolder`, `SyntheticTarDataset`, `GeneratorDataset`, `MixedDataset`) and `load_recipe` are
+here too. Each function's docstring is its reference.
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "list_recipes": ("augment_gan.recipes", "list_recipes"),
     "Recipe": ("augment_gan.recipes", "Recipe"),
     "SyntheticImageFolder": ("augment_gan.datasets", "SyntheticImageFolder"),
+    "SyntheticTarDataset": ("augment_gan.datasets", "SyntheticTarDataset"),
     "GeneratorDataset": ("augment_gan.datasets", "GeneratorDataset"),
     "MixedDataset": ("augment_gan.mixing", "MixedDataset"),
     "MixedSampler": ("augment_gan.mixing", "MixedSampler"),
@@ -61,6 +62,7 @@ if TYPE_CHECKING:  # type checkers see the real objects; at run time they load l
     from augment_gan.data import load_folder as load_folder
     from augment_gan.datasets import GeneratorDataset as GeneratorDataset
     from augment_gan.datasets import SyntheticImageFolder as SyntheticImageFolder
+    from augment_gan.datasets import SyntheticTarDataset as SyntheticTarDataset
     from augment_gan.decode import ReadOptions as ReadOptions
     from augment_gan.errors import UserError as UserError
     from augment_gan.evaluate import EvaluateConfig as EvaluateConfig

@@ -27,9 +27,18 @@ def open_atomic(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Bi
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        _name_destination(exc, tmp, path)
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _name_destination(exc: OSError, tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """An error about the temporary file names the file the user knows (the temporary is gone)."""
+    if exc.filename is None or os.fspath(exc.filename) == os.fspath(tmp):
+        exc.filename, exc.filename2 = os.fspath(path), None
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> None:
@@ -64,9 +73,11 @@ def write_atomic(path: str | os.PathLike, data: bytes, dir_fd: int | None = None
         finally:
             os.close(fd)
         os.replace(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp, dir_fd=dir_fd)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError):
+            _name_destination(exc, tmp, path)
         raise

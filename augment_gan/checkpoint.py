@@ -6,12 +6,28 @@ header, so the file alone rebuilds the networks. `ckpt-<step>.json` repeats the 
 tools, and `ckpt-<step>.state.safetensors` holds what resuming needs (optimizer moments, RNG states).
 Every file is written to a temporary name and renamed; the JSON is written last and marks the checkpoint
 complete.
+
+What a crash leaves, and who deals with it
+    A checkpoint counts once its JSON exists. A save that was killed leaves at most `*.tmp-<pid>` files and
+    weights (or state) without their JSON: readers ignore them, with a warning naming the file when they are
+    newer than the checkpoint used, and the next `fit` of the run removes them (it holds the run lock). A save
+    that fails (full disk) removes what it wrote, so the previous checkpoint stays the newest.
+
+Damaged or foreign checkpoints
+    Loading a run directory uses its newest checkpoint and checks it: the weights must read, the JSON must
+    parse and describe the same checkpoint, and its config, classes and channels must be the run's
+    (RUN/config.json, else the run's other checkpoints). A check that fails is a one-line error naming the
+    file and the newest valid checkpoint of the run, never a silent fall back: to use that one, pass its file
+    (synth/vary: as RUN; fit: `--resume --checkpoint FILE`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import re
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,17 +38,29 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from augment_gan.atomic import write_bytes_atomic
-from augment_gan.config import TrainConfig
+from augment_gan.atomic import open_atomic
+from augment_gan.config import TrainConfig, run_differences
 from augment_gan.errors import UserError
 from augment_gan.models import Discriminator, Encoder, Generator, build_networks
-from augment_gan.runmeta import RunMeta
+from augment_gan.runmeta import DataInfo, RunMeta
+
 _NAME = re.compile(r"^ckpt-(\d{8,})\.safetensors$")
+_FILE = re.compile(r"^ckpt-(\d{8,})\.(safetensors|state\.safetensors|json)$")
+"""Any of the three files of a checkpoint."""
 NETWORKS = ("G", "G_ema", "D", "E")
+SUPERSEDED = "superseded"
+"""Subfolder of checkpoints/ that `fit --resume --checkpoint FILE` moves the run's later checkpoints to."""
+_log = logging.getLogger(__name__)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step in a checkpoint file's name (`ckpt-<step>.safetensors`, `.state.safetensors`, `.json`)."""
+    m = _FILE.match(Path(path).name)
+    return int(m.group(1)) if m else None
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -48,12 +76,54 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def unfinished_files(run_dir: Path) -> list[Path]:
+    """What interrupted saves left in RUN/checkpoints: temporaries, and checkpoint files without their JSON."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    complete = {checkpoint_step(p) for p in list_checkpoints(run_dir)}
+    return sorted(p for p in folder.iterdir() if p.is_file() and (
+        ".tmp-" in p.name or (checkpoint_step(p) is not None and checkpoint_step(p) not in complete)))
+
+
+def remove_unfinished(run_dir: Path) -> list[Path]:
+    """Delete `unfinished_files` (fit calls this holding the run lock, so no save is in progress)."""
+    removed = unfinished_files(run_dir)
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
+
+
+def supersede_after(run_dir: Path, step: int) -> list[Path]:
+    """Move the run's checkpoint files of later steps into checkpoints/superseded/ (never deleted)."""
+    folder = checkpoint_dir(run_dir)
+    later = sorted(p for p in folder.iterdir() if (checkpoint_step(p) or -1) > step) if folder.is_dir() else []
+    if later:
+        (folder / SUPERSEDED).mkdir(exist_ok=True)
+        for p in later:
+            os.replace(p, folder / SUPERSEDED / p.name)
+    return later
+
+
+def _run_dir_of(path: Path) -> Path:
+    return path.parent if path.name == "checkpoints" else path
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory, its checkpoints/ folder, a weights file or its .json -> the weights file."""
+    """A run directory, its checkpoints/ folder, a weights file or its .json -> the weights file.
+
+    For a run directory: its newest complete checkpoint; unfinished newer files are named in a warning.
+    """
     path = Path(path)
     if path.is_dir():
-        run_dir = path.parent if path.name == "checkpoints" else path
+        run_dir = _run_dir_of(path)
         found = list_checkpoints(run_dir)
+        newest = checkpoint_step(found[-1]) if found else -1
+        ignored = [p for p in unfinished_files(run_dir) if (checkpoint_step(p) or -1) > newest]
+        if ignored:
+            _log.warning(f"ignoring {', '.join(str(p) for p in ignored)}: a checkpoint whose save has not finished "
+                         "(a checkpoint counts once its .json is written); if no fit is running, the next `fit` "
+                         "of the run removes them")
         if not found:
             raise UserError(f"{path} holds no checkpoint (expected {checkpoint_dir(run_dir)}/ckpt-*.safetensors)")
         return found[-1]
@@ -96,9 +166,50 @@ def _unflatten_optimizer(prefix: str, tensors: dict[str, torch.Tensor], groups: 
     return {"state": state, "param_groups": groups}
 
 
+def estimated_size(networks: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> tuple[int, int]:
+    """Bytes of a checkpoint's (weights, state) files, an upper estimate (Adam holds two moments per
+    parameter once it has stepped, whatever its state now)."""
+    weights = sum(t.numel() * t.element_size() + 256 for net in networks.values() for t in net.state_dict().values())
+    state = sum(2 * p.numel() * p.element_size() + 1024 for opt in optimizers.values()
+                for group in opt.param_groups for p in group["params"])
+    return weights + 65536, state + 65536
+
+
+# Fault injection for tests/test_faults.py, off unless the variable is set: AUGMENT_GAN_TEST_KILL_AT=k makes
+# the process SIGKILL itself at the k-th point of `save_checkpoint` (three per file: half its bytes in the
+# temporary file, all of them, renamed into place), so a test can stop a save at any moment of its writes.
+_KILL_AT = "AUGMENT_GAN_TEST_KILL_AT"
+_points_passed = 0
+
+
+def _fault_point() -> None:
+    global _points_passed
+    at = os.environ.get(_KILL_AT)
+    if at:
+        _points_passed += 1
+        if _points_passed == int(at):
+            os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+def _write(path: Path, data: bytes) -> None:
+    view = memoryview(data)
+    with open_atomic(path) as f:
+        f.write(view[:len(view) // 2])
+        if os.environ.get(_KILL_AT):
+            f.flush()
+        _fault_point()
+        f.write(view[len(view) // 2:])
+        _fault_point()
+    _fault_point()
+
+
 def save_checkpoint(run_dir: Path, networks: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                     rng: dict[str, torch.Tensor], meta: RunMeta) -> Path:
-    """Write one complete checkpoint (named by `meta.step`) atomically; returns the weights path."""
+    """Write one complete checkpoint (named by `meta.step`) atomically; returns the weights path.
+
+    When a write fails (full disk, read-only folder) the files this call already wrote are removed, so the
+    run's previous checkpoint stays its newest, and the error is raised.
+    """
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     step = meta.step
@@ -111,10 +222,18 @@ def save_checkpoint(run_dir: Path, networks: dict[str, nn.Module], optimizers: d
         tensors, groups[name] = _flatten_optimizer(f"opt.{name}", opt)
         state.update(tensors)
     base = folder / f"ckpt-{step:08d}"
-    write_bytes_atomic(base.with_suffix(".safetensors"), st_save(weights, metadata={"augment_gan": meta_json}))
-    write_bytes_atomic(base.with_suffix(".state.safetensors"),
-                       st_save(state, metadata={"param_groups": json.dumps(groups)}))
-    write_bytes_atomic(base.with_suffix(".json"), (meta.to_json(indent=2) + "\n").encode())
+    files = [(base.with_suffix(".safetensors"), st_save(weights, metadata={"augment_gan": meta_json})),
+             (base.with_suffix(".state.safetensors"), st_save(state, metadata={"param_groups": json.dumps(groups)})),
+             (base.with_suffix(".json"), (meta.to_json(indent=2) + "\n").encode())]  # last: marks it complete
+    written: list[Path] = []
+    try:
+        for path, data in files:
+            _write(path, data)
+            written.append(path)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return base.with_suffix(".safetensors")
 
 
@@ -124,6 +243,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         tensors = st_load(data)
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8:8 + header_len])
+        if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
+            raise ValueError("malformed header")
     except (OSError, SafetensorError, ValueError, json.JSONDecodeError) as exc:
         raise UserError(f"cannot read checkpoint file {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     return tensors, header.get("__metadata__", {}) or {}
@@ -179,11 +300,120 @@ def read_meta(path: Path) -> RunMeta:
     return _meta_from_header(Path(path), header)
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load a run directory or checkpoint file for sampling (no optimizer state, no pickle)."""
-    path = resolve_checkpoint(path)
+def _state_path(path: Path) -> Path:
+    return path.with_name(path.name.replace(".safetensors", ".state.safetensors"))
+
+
+def _run_reference(run_dir: Path, exclude: Path) -> tuple[Path, TrainConfig, DataInfo] | None:
+    """What a run's checkpoints must agree with: RUN/config.json (fit writes it), else the JSON of the
+    run's oldest other checkpoint; None when neither is readable."""
+    candidates = [Path(run_dir) / "config.json"] + [p.with_suffix(".json") for p in list_checkpoints(run_dir)
+                                                    if p != exclude]
+    for source in candidates:
+        try:
+            data = json.loads(source.read_text())
+            return source, TrainConfig.from_dict(dict(data["config"])), DataInfo.from_dict(data.get("data"))
+        except (OSError, ValueError, KeyError, TypeError, UserError):
+            continue
+    return None
+
+
+def _check_run(run_dir: Path, path: Path, meta: RunMeta) -> None:
+    """A checkpoint found in a run directory must be one of that run's: same config, classes, channels."""
+    reference = _run_reference(run_dir, path)
+    if reference is None:
+        return
+    source, config, data = reference
+    problems = []
+    if data.classes and meta.data.classes and tuple(meta.data.classes) != tuple(data.classes):
+        problems.append(f"classes {list(meta.data.classes)} (the run's: {list(data.classes)})")
+    if data.channels and meta.channels != data.channels:
+        problems.append(f"{meta.channels} channels (the run's: {data.channels})")
+    fields = run_differences(meta.config, config)
+    if fields:
+        problems.append(f"config {', '.join(fields)}")
+    if problems:
+        raise UserError(f"{path} is not a checkpoint of this run: its {'; '.join(problems)} differ from {source}")
+
+
+def _read_checked(path: Path, run_dir: Path | None, need_state: bool) -> tuple[dict[str, torch.Tensor], RunMeta]:
+    """Read a weights file and check it: its JSON (required in a run directory) and, in a run directory,
+    that it belongs to the run; with `need_state`, that its optimizer/RNG state reads too."""
     tensors, header = _read_safetensors(path)
     meta = _meta_from_header(path, header)
+    sidecar = path.with_suffix(".json")
+    if run_dir is not None or sidecar.exists():
+        try:
+            text = sidecar.read_text()
+        except OSError as exc:
+            raise UserError(f"cannot read {sidecar}: {exc.strerror or exc}") from None
+        described = RunMeta.from_json(text, sidecar)
+        if (described.step, described.config, described.classes, described.channels) != \
+                (meta.step, meta.config, meta.classes, meta.channels):
+            raise UserError(f"{sidecar} does not describe {path.name} (its step, config, classes or channels "
+                            "differ from the weights file's own metadata)")
+    if run_dir is not None:
+        _check_run(run_dir, path, meta)
+    if need_state:
+        state_path = _state_path(path)
+        if not state_path.exists():
+            raise UserError(f"cannot resume: {state_path} (optimizer and RNG state) is missing")
+        _read_safetensors(state_path)
+    return tensors, meta
+
+
+def _fallback_hint(run_dir: Path, bad: Path, need_state: bool) -> str:
+    """Where to go from a damaged newest checkpoint: the newest older one that passes every check."""
+    for older in reversed([p for p in list_checkpoints(run_dir) if p != bad]):
+        try:
+            _read_checked(older, run_dir, need_state)
+        except UserError:
+            continue
+        return (f"; the newest valid checkpoint of this run is {older}: to use it, pass that file instead of the "
+                "run directory (fit: --resume --checkpoint FILE)")
+    return "; the run has no other valid checkpoint"
+
+
+def _open(path: str | Path, run_dir: str | Path | None = None, need_state: bool = False
+          ) -> tuple[Path, dict[str, torch.Tensor], RunMeta]:
+    """Resolve and read a checkpoint with every check; a run directory (given, or `run_dir`) adds the
+    run checks, and a failure then names the newest valid checkpoint instead of silently using it."""
+    given = Path(path)
+    resolved = resolve_checkpoint(given)
+    run = Path(run_dir) if run_dir is not None else (_run_dir_of(given) if given.is_dir() else None)
+    try:
+        tensors, meta = _read_checked(resolved, run, need_state)
+    except UserError as exc:
+        if run is None:
+            raise
+        raise UserError(f"{exc}{_fallback_hint(run, resolved, need_state)}") from None
+    return resolved, tensors, meta
+
+
+def resume_point(run_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """The checkpoint `fit --resume` continues, after every check: the run's newest, or `checkpoint`
+    (a complete checkpoint in the run's checkpoints/ folder, for going back past a damaged one)."""
+    run_dir = Path(run_dir)
+    if checkpoint is None:
+        if not list_checkpoints(run_dir):
+            raise UserError(f"--resume: {run_dir} has no checkpoint to resume from; run the same command without "
+                            "--resume to start it from step 0")
+        return _open(run_dir, need_state=True)[0]
+    path = resolve_checkpoint(checkpoint)
+    if path.resolve().parent != checkpoint_dir(run_dir).resolve():
+        raise UserError(f"--checkpoint {checkpoint} is not in {checkpoint_dir(run_dir)}; resume a run from one of "
+                        "its own checkpoints")
+    if path.resolve() not in {p.resolve() for p in list_checkpoints(run_dir)}:
+        raise UserError(f"--checkpoint {checkpoint} is not a complete checkpoint (its .json is missing)")
+    return _open(path, run_dir=run_dir, need_state=True)[0]
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load a run directory or checkpoint file for sampling (no optimizer state, no pickle).
+
+    A run directory gives its newest checkpoint after the checks in this module's docstring.
+    """
+    path, tensors, meta = _open(path)
     config = meta.config
     g, d, e = build_networks(config, meta.channels, meta.num_classes)
     g_ema, _, _ = build_networks(config, meta.channels, meta.num_classes)
@@ -199,18 +429,21 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     return Checkpoint(path=path, meta=meta, config=config, G=g, G_ema=g_ema, D=d, E=e, digest=file_digest(path))
 
 
-def load_training_state(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict], dict[str, torch.Tensor], RunMeta]:
-    """For --resume: (network state dicts, optimizer state dicts, RNG states, metadata)."""
-    path = resolve_checkpoint(path)
-    tensors, header = _read_safetensors(path)
-    meta = _meta_from_header(path, header)
+def load_training_state(path: Path, run_dir: Path | None = None) -> tuple[
+        dict[str, dict[str, torch.Tensor]], dict[str, dict], dict[str, torch.Tensor], RunMeta]:
+    """For --resume: (network state dicts, optimizer state dicts, RNG states, metadata); `run_dir` adds the
+    checks that the checkpoint belongs to that run."""
+    path, tensors, meta = _open(path, run_dir=run_dir, need_state=True)
     nets = {name: {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
             for name in NETWORKS}
-    state_path = path.with_name(path.name.replace(".safetensors", ".state.safetensors"))
+    state_path = _state_path(path)
     if not state_path.exists():
         raise UserError(f"cannot resume: {state_path} (optimizer and RNG state) is missing")
     state, state_header = _read_safetensors(state_path)
-    groups = json.loads(state_header["param_groups"])
-    optims = {name: _unflatten_optimizer(f"opt.{name}", state, g) for name, g in groups.items()}
+    try:
+        groups = json.loads(state_header["param_groups"])
+        optims = {name: _unflatten_optimizer(f"opt.{name}", state, g) for name, g in groups.items()}
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise UserError(f"cannot resume: {state_path} holds no usable optimizer state ({exc!r})") from None
     rng = {k[4:]: v for k, v in state.items() if k.startswith("rng.")}
     return nets, optims, rng, meta

@@ -2,9 +2,10 @@
 
 A folder is scanned recursively for image files (`IMAGE_EXTENSIONS`, any case; hidden files and
 folders are ignored). Each file is decoded once per (folder contents, `ReadOptions`) by a pool of
-worker processes, squared and resized to `ReadOptions.resolution`, and the result is stored in a
-cache directory as `.npy` + a JSON sidecar, memory-mapped on reuse. A file that cannot be decoded is
-skipped with one warning line on stderr and listed in `ImageSet.skipped`; a folder with no decodable
+worker processes, squared and resized to `ReadOptions.resolution`, and streamed into a cache directory
+as `.npy` + a JSON sidecar, which is memory-mapped (then and on reuse): memory does not grow with the
+folder's size. A file that cannot be decoded is
+skipped with one warning on the `augment_gan` logger and listed in `ImageSet.skipped`; a folder with no decodable
 image is a `UserError`.
 
 Labels follow torchvision's `ImageFolder`: when every image lies inside an immediate subfolder of
@@ -14,13 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
 import re
+import struct
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import PIL
@@ -33,7 +38,7 @@ from augment_gan.decode import (
     MODEL_RESOLUTIONS,
     RESOLUTIONS,
     ReadOptions,
-    decode_files,
+    iter_decoded,
     read_image,
     warn,
 )
@@ -56,6 +61,8 @@ __all__ = [
     "scan_folder",
 ]
 
+_log = logging.getLogger(__name__)
+
 # Bump when the decoded pixels for the same file and options would change (resampling, colour
 # handling, sidecar layout); old cache entries then simply stop matching.
 CACHE_FORMAT_VERSION = 1
@@ -65,7 +72,7 @@ CACHE_FORMAT_VERSION = 1
 class ImageSet:
     """A decoded folder. `images[i]` came from `files[i]` and has label `labels[i]`."""
 
-    images: np.ndarray  # uint8 N×H×W×C, C = `channels`; a read-only memmap when loaded from cache
+    images: np.ndarray  # uint8 N×H×W×C, C = `channels`; a read-only memmap of the cache file unless use_cache=False
     labels: np.ndarray | None  # int64 N, indices into `classes`; None when unlabeled
     classes: list[str]  # sorted as torchvision's ImageFolder; [] when unlabeled
     files: list[str]  # relative posix paths, aligned with `images`
@@ -237,8 +244,8 @@ def _load_cached(npy: Path, sidecar: Path, scan: FolderScan) -> ImageSet | None:
     )
 
 
-def _save_cached(dataset: ImageSet, options: ReadOptions, cache_dir: Path, stem: str, prefix: str) -> Path | None:
-    npy, sidecar = cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json"
+def _write_sidecar(dataset: ImageSet, options: ReadOptions, sidecar: Path, prefix: str) -> None:
+    """Record a decoded set's metadata next to its array (already in place): the entry counts from now on."""
     meta = {
         "version": CACHE_FORMAT_VERSION,
         "root": str(dataset.root),
@@ -253,61 +260,122 @@ def _save_cached(dataset: ImageSet, options: ReadOptions, cache_dir: Path, stem:
         "sources": [list(s) for s in dataset.sources],
         "colour": dataset.colour,
     }
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        # The array first, the sidecar last: an entry only counts once its sidecar exists.
-        with open_atomic(npy, durable=False) as fp:  # a cache: losing it on power failure only costs a decode
-            np.save(fp, np.ascontiguousarray(dataset.images), allow_pickle=False)
-        write_bytes_atomic(sidecar, json.dumps(meta).encode(), durable=False)
-    except OSError as exc:
-        warn(f"could not write the cache in {cache_dir} ({exc.strerror or exc}); continuing without it")
-        return None
+    write_bytes_atomic(sidecar, json.dumps(meta).encode(), durable=False)
     # Older entries for the same folder and options are stale now (the contents changed).
-    for old in cache_dir.glob(f"{prefix}-*"):
-        if old.name not in (npy.name, sidecar.name) and ".tmp-" not in old.name:
+    for old in sidecar.parent.glob(f"{prefix}-*"):
+        if old.name not in (sidecar.name, sidecar.with_suffix(".npy").name) and ".tmp-" not in old.name:
             with contextlib.suppress(OSError):
                 old.unlink()
-    return npy
+
+
+# The decoded pixels go straight into the cache file as they arrive, so a folder of any size is decoded in
+# bounded memory. The .npy header, which holds the final shape, is written last into room kept at the front.
+_NPY_HEADER = 128
+"""Bytes before the pixels of a cache .npy: an .npy 1.0 header for any uint8 N×R×R×C fits."""
+
+
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    """The .npy (format 1.0) header of a C-order uint8 array of `shape`, padded to `_NPY_HEADER` bytes."""
+    text = repr({"descr": "|u1", "fortran_order": False, "shape": tuple(int(v) for v in shape)}).encode("latin1")
+    pad = _NPY_HEADER - 10 - len(text) - 1
+    assert pad >= 0, shape
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", _NPY_HEADER - 10) + text + b" " * pad + b"\n"
+
+
+class _PixelFile:
+    """Images appended in order to a binary file as the pixels of an .npy array N×R×R×C.
+
+    `channels` 1 or 3, or None for "auto": one channel until the first colour image, then the images
+    written so far are widened to three (gray repeated), in place.
+    """
+
+    _WIDEN_CHUNK = 4096  # images widened per read/write, so widening also runs in bounded memory
+
+    def __init__(self, fp: BinaryIO, resolution: int, channels: int | None):
+        self.fp, self.resolution, self.channels, self.n = fp, resolution, channels or 1, 0
+        self.auto = channels is None
+        fp.seek(_NPY_HEADER)
+
+    def append(self, pixels: np.ndarray) -> None:  # uint8 R×R×C
+        if pixels.shape[2] == 3 and self.channels == 1:
+            assert self.auto
+            self._widen()
+        if pixels.shape[2] == 1 and self.channels == 3:
+            pixels = np.repeat(pixels, 3, axis=2)  # a gray image in a colour folder
+        self.fp.write(memoryview(np.ascontiguousarray(pixels)).cast("B"))
+        self.n += 1
+
+    def _widen(self) -> None:
+        # Last chunk first: a chunk's three-channel copy starts at or after its own one-channel start, so
+        # nothing not yet read is overwritten.
+        size = self.resolution * self.resolution
+        self.fp.flush()
+        # A file opened for writing only (the cache's temporary) is read through a second handle.
+        reader = self.fp if self.fp.readable() else open(self.fp.name, "rb")
+        try:
+            end = self.n
+            while end > 0:
+                start = max(0, end - self._WIDEN_CHUNK)
+                reader.seek(_NPY_HEADER + start * size)
+                gray = np.frombuffer(reader.read((end - start) * size), np.uint8)
+                self.fp.seek(_NPY_HEADER + start * size * 3)
+                self.fp.write(np.repeat(gray, 3).tobytes())
+                self.fp.flush()  # before the second handle reads the next (earlier) chunk
+                end = start
+        finally:
+            if reader is not self.fp:
+                reader.close()
+        self.channels = 3
+        self.fp.seek(_NPY_HEADER + self.n * size * 3)
+
+    def finish(self) -> tuple[int, int, int, int]:
+        """Write the header; returns the array's shape."""
+        shape = (self.n, self.resolution, self.resolution, self.channels)
+        self.fp.truncate(_NPY_HEADER + self.n * self.resolution * self.resolution * self.channels)
+        self.fp.seek(0)
+        self.fp.write(_npy_header(shape))
+        self.fp.flush()
+        return shape
 
 
 # ---------------------------------------------------------------------------------------------
 # Folders.
 
 
-def _build(scan: FolderScan, options: ReadOptions, results: list) -> ImageSet:
+def _decode_into(fp: BinaryIO, scan: FolderScan, options: ReadOptions, workers, progress: bool
+                 ) -> tuple[ImageSet, tuple[int, int, int, int]]:
+    """Decode the scanned files into `fp` as an .npy array (`_PixelFile`) -> (the set, pixels still
+    unset, and the array's shape). Raises `UserError` when no file decodes."""
+    fixed = {"gray": 1, "rgb": 3}.get(options.channels)
+    # With channels="auto" the count is decided by the pixels, not the file mode (a grayscale scan saved as
+    # RGB, a palette of grays, LA over a white background): the writer widens when a colour image comes.
+    pixels = _PixelFile(fp, options.resolution, fixed)
     kept: list[int] = []
-    arrays: list[np.ndarray] = []
-    grays: list[bool] = []
     sources: list[tuple[int, int, str, str]] = []
     skipped: list[tuple[str, str]] = list(scan.unlistable)
+    colour = 0
+    results = iter_decoded(scan.root, scan.files, [size for size, _ in scan.stats], options, workers, progress)
     for i, result in enumerate(results):
         if isinstance(result, str):
             skipped.append((scan.files[i], result))
-        else:
-            pixels, gray, source = result
-            kept.append(i)
-            arrays.append(pixels)
-            grays.append(gray)
-            sources.append(source)
-    colour = len(grays) - sum(grays)
-    if options.channels == "auto":
-        # Decided after decoding because "gray" is a property of the pixels, not the file mode
-        # (a grayscale scan saved as RGB, a palette of grays, LA over a white background).
-        channels = 3 if colour else 1
-    else:
-        channels = 1 if options.channels == "gray" else 3
-    r = options.resolution
-    images = np.empty((len(arrays), r, r, channels), dtype=np.uint8)
-    for j, pixels in enumerate(arrays):
-        images[j] = pixels  # broadcasts a C=1 gray image into 3 channels when the folder is RGB
+            continue
+        array, gray, source = result
+        pixels.append(array)  # broadcasts a C=1 gray image into 3 channels when the folder is RGB
+        kept.append(i)
+        sources.append(source)
+        colour += not gray
+    if not kept:
+        raise _no_images_error(scan, skipped)
+    shape = pixels.finish()
     labels = None
     if scan.labels is not None:
         labels = np.asarray([scan.labels[i] for i in kept], dtype=np.int64)
-    return ImageSet(
-        images=images, labels=labels, classes=list(scan.classes), files=[scan.files[i] for i in kept],
-        skipped=skipped, channels=channels, root=scan.root, layout=scan.layout, sources=sources,
-        colour=colour, ignored=scan.ignored,
+    dataset = ImageSet(
+        images=np.empty((0, *shape[1:]), np.uint8), labels=labels, classes=list(scan.classes),
+        files=[scan.files[i] for i in kept], skipped=skipped, channels=shape[3], root=scan.root,
+        layout=scan.layout, sources=sources, colour=colour, ignored=scan.ignored,
     )
+    return dataset, shape
 
 
 def _no_images_error(scan: FolderScan, skipped: list[tuple[str, str]]) -> UserError:
@@ -329,15 +397,31 @@ def _load(root, options: ReadOptions, cache_dir, use_cache: bool, workers, progr
         raise _no_images_error(scan, [])
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     stem, prefix = _cache_names(scan, options)
+    npy, sidecar = cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json"
     if use_cache:
-        hit = _load_cached(cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json", scan)
+        hit = _load_cached(npy, sidecar, scan)
         if hit is not None:
+            _log.debug(f"{scan.root}: {len(hit)} images from the cache {npy}")
             return hit
-    dataset = _build(scan, options, decode_files(scan.root, scan.files, [size for size, _ in scan.stats], options, workers, progress))
-    if not len(dataset):
-        raise _no_images_error(scan, dataset.skipped)
-    if use_cache:
-        dataset.cache_file = _save_cached(dataset, options, cache_dir, stem, prefix)
+        _log.debug(f"{scan.root}: decoding {len(scan.files)} files into the cache {npy}")
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            # The array first, the sidecar last: an entry only counts once its sidecar exists. Not durable:
+            # losing a cache entry on power failure only costs a decode.
+            with open_atomic(npy, durable=False) as fp:
+                dataset, _ = _decode_into(fp, scan, options, workers, progress)
+            _write_sidecar(dataset, options, sidecar, prefix)
+        except OSError as exc:
+            warn(f"could not write the cache in {cache_dir} ({exc.strerror or exc}); continuing without it")
+        else:
+            # Read back through a memory map, like a cache hit: pages come and go with the OS page cache,
+            # so the process holds no copy of the folder however large it is.
+            dataset.images = np.load(npy, mmap_mode="r", allow_pickle=False)
+            dataset.cache_file = npy
+            return dataset
+    buffer = io.BytesIO()
+    dataset, shape = _decode_into(buffer, scan, options, workers, progress)
+    dataset.images = np.frombuffer(buffer.getbuffer(), np.uint8, offset=_NPY_HEADER).reshape(shape)
     return dataset
 
 
@@ -358,7 +442,7 @@ def load_folder(
     workers: decoding processes (default: available CPUs, at most 8; 1 = in this process).
     progress: show a tqdm bar on stderr while decoding.
 
-    Each skipped file gets one warning line on stderr (also on a cache hit, so the user always
+    Each skipped file gets one logged warning (also on a cache hit, so the user always
     hears about them). Raises `UserError` for a missing folder or one with no decodable image.
     """
     dataset = _load(root, options, cache_dir, use_cache, workers, progress)

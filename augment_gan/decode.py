@@ -1,15 +1,18 @@
 """One image file -> a square uint8 array: the options, the decoding rules and the worker pool.
 
 `ReadOptions` says how files become pixels (resolution, crop mode, background, channels); `read_image`
-decodes one file and `decode_files` many, in worker processes. `augment_gan.data` builds folders and
+decodes one file and `iter_decoded` many, in worker processes. `augment_gan.data` builds folders and
 their cache on top of this.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
+import stat
 import sys
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -21,6 +24,8 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from augment_gan.errors import UserError
+
+_log = logging.getLogger("augment_gan.data")  # decoding is part of reading a folder (augment_gan.data)
 
 # Lower-case; matched case-insensitively. GIF, WebP and TIFF contribute their first frame only.
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
@@ -42,6 +47,9 @@ CHANNELS = ("auto", "gray", "rgb")
 # 2 processes; 6,000 MNIST PNGs 2.2 s / 2.5 s / 1.1 s. Hence processes, not threads.
 _POOL_MIN_FILES = 32
 _POOL_CHUNK = 32
+# Chunks in flight per worker: enough to keep every worker busy while the consumer writes a result, few
+# enough that decoded pixels never pile up (4 × 32 × 64×64×3 bytes = 1.5 MB per worker at 64 px).
+_POOL_AHEAD = 4
 
 
 @dataclass(frozen=True)
@@ -58,7 +66,7 @@ class ReadOptions:
         enforced by us per call rather than through Pillow's global warning.
     """
 
-    resolution: int = 64
+    resolution: int = 32  # TrainConfig's default, so `inspect` and `fit` read a folder alike by default
     fit: str = "center-crop"
     background: tuple[int, int, int] = (255, 255, 255)
     channels: str = "auto"
@@ -183,6 +191,11 @@ def _decode(path: str, size: int, options: ReadOptions) -> tuple[np.ndarray, boo
     With channels="auto", gray images come back with C=1 and colour ones with C=3 (the folder-level
     decision is made by the caller). Raises `_Skip` with a one-line reason on any failure.
     """
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # opening a FIFO would wait for a writer forever
+            raise _Skip("not a regular file (a FIFO, socket or device)")
+    except OSError:
+        pass  # a missing or unreadable file: open() below gives the reason
     if size == 0:
         raise _Skip("empty file (0 bytes)")
     try:
@@ -288,6 +301,10 @@ def _decode_in_worker(job: tuple[str, int]):
         return str(exc)
 
 
+def _decode_chunk(jobs: list[tuple[str, int]]) -> list:
+    return [_decode_in_worker(job) for job in jobs]
+
+
 def _decode_in_process(job: tuple[str, int], options: ReadOptions):
     path, size = job
     try:
@@ -304,37 +321,45 @@ def _default_workers() -> int:
     return max(1, min(cpus, 8))
 
 
-def decode_files(root: Path, files: list[str], sizes: list[int], options: ReadOptions, workers: int | None,
-                 progress: bool) -> list:
-    """Decode `root / f` for every f in `files` (of these byte sizes); returns, aligned with `files`, a
-    result tuple (pixels, gray, source) or a one-line skip reason."""
+def iter_decoded(root: Path, files: list[str], sizes: list[int], options: ReadOptions, workers: int | None,
+                 progress: bool) -> Iterator:
+    """Decode `root / f` for every f in `files` (of these byte sizes); yields, in the order of `files`, a
+    result tuple (pixels, gray, source) or a one-line skip reason. At most `_POOL_AHEAD` chunks per worker
+    are decoded ahead of the consumer, so memory stays bounded whatever the number of files."""
     jobs = [(str(root / f), size) for f, size in zip(files, sizes)]
     workers = _default_workers() if workers is None else max(1, int(workers))
     bar = tqdm(total=len(jobs), desc=f"decoding {root.name}", unit="img", file=sys.stderr,
                disable=not progress, leave=False, dynamic_ncols=True)
-    results: list = []
+    done = 0
     try:
         if workers > 1 and len(jobs) >= _POOL_MIN_FILES:
             try:
                 with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(options,)) as pool:
-                    for result in pool.map(_decode_in_worker, jobs, chunksize=_POOL_CHUNK):
-                        results.append(result)
-                        bar.update()
+                    ahead: deque = deque()
+                    # The chunks, then None: with nothing left to submit, every chunk in flight is collected.
+                    for chunk in [*(jobs[i:i + _POOL_CHUNK] for i in range(0, len(jobs), _POOL_CHUNK)), None]:
+                        if chunk is not None:
+                            ahead.append(pool.submit(_decode_chunk, chunk))
+                        while len(ahead) >= (_POOL_AHEAD * workers if chunk is not None else 1):
+                            results = ahead.popleft().result()
+                            for result in results:
+                                yield result
+                                done += 1
+                            bar.update(len(results))
             except BrokenProcessPool:
                 # E.g. a spawn-start platform and a script without `if __name__ == "__main__":`.
-                # Decoding in this process is slower but gives the same pixels.
+                # Decoding in this process is slower but gives the same pixels; it goes on where the
+                # pool stopped.
                 warn("worker processes failed to start; decoding in one process")
-                bar.reset()
-                results = []
-        if len(results) < len(jobs):
+        if done < len(jobs):
             with _own_pixel_limit():
-                for job in jobs:
-                    results.append(_decode_in_process(job, options))
+                for job in jobs[done:]:
+                    yield _decode_in_process(job, options)
                     bar.update()
     finally:
         bar.close()
-    return results
 
 
 def warn(message: str) -> None:
-    tqdm.write(f"warning: {message}", file=sys.stderr)
+    """A reading problem the user should see (a skipped file, no cache): a warning on the package's logger."""
+    _log.warning(message)

@@ -36,29 +36,38 @@ class FeatureExtractor:
     dim: int | None = None
     """F, the feature length; None where it depends on the input (pixels of an unknown channel count)."""
 
-    def __call__(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """uint8 N×H×W×C -> float32 N×F."""
+    def __call__(self, images: np.ndarray, batch_size: int = 256, *, progress: bool = False) -> np.ndarray:
+        """uint8 N×H×W×C -> float32 N×F; `progress` shows a tqdm bar on stderr (Inception on a CPU is slow)."""
+        import sys
+
+        from tqdm import tqdm
+
         from augment_gan.pixels import hwc_to_nchw
 
         out = []
-        with torch.inference_mode():
+        with torch.inference_mode(), tqdm(total=len(images), desc="features", unit="img", file=sys.stderr,
+                                          disable=not progress, leave=False, dynamic_ncols=True) as bar:
             for start in range(0, len(images), batch_size):
                 batch = hwc_to_nchw(images[start:start + batch_size]).to(self.device)
                 out.append(self.embed(batch).float().cpu())
+                bar.update(len(batch))
         return torch.cat(out).numpy() if out else np.zeros((0, self.dim or 0), np.float32)
 
 
 def classifier_extractor(images: np.ndarray, labels: np.ndarray, *, steps: int = 400, seed: int = 0,
-                         device: str = "cpu") -> FeatureExtractor:
+                         device: str = "cpu", progress: Callable[[int, float], None] | None = None
+                         ) -> FeatureExtractor:
     """Penultimate features of the small CNN from `augment_gan.classifier`, trained on labeled real images.
 
     The network learns what separates the user's classes, so distances reflect class-relevant content
-    rather than pixel noise — the closest offline substitute for ImageNet Inception features.
+    rather than pixel noise — the closest offline substitute for ImageNet Inception features. `progress`
+    is called after every training step (see `train_classifier`).
     """
     from augment_gan.classifier import train_classifier
     from augment_gan.pixels import to_float
 
-    model = train_classifier(images, labels, steps=steps, seed=seed, device=device).to(device).eval()
+    model = train_classifier(images, labels, steps=steps, seed=seed, device=device,
+                             progress=progress).to(device).eval()
     return FeatureExtractor(f"classifier-penultimate (trained on real, seed {seed}, {steps} steps)",
                             lambda x: model.features(to_float(x)), device, model.feature_dim)
 
@@ -79,21 +88,26 @@ def random_extractor(channels: int, *, seed: int = 0, device: str = "cpu") -> Fe
                             model.feature_dim)
 
 
+def require_inception() -> None:
+    """Raise a one-line `UserError` unless the packages `--features inception` needs are installed."""
+    try:
+        from torchmetrics.image.fid import NoTrainInceptionV3  # noqa: F401
+        import torch_fidelity  # noqa: F401  (torchmetrics' Inception wrapper is built on it)
+    except ImportError:
+        raise UserError("--features inception needs torch-fidelity: pip install 'augment-gan[inception]'") from None
+
+
 def inception_extractor(weights_path: str | Path, *, device: str = "cpu") -> FeatureExtractor:
     """FID-compatible Inception-v3 pool features (2048-d) from a local weights file; never downloads.
 
     The weights are torch-fidelity's `weights-inception-2015-12-05-6726825d.pth` (the TensorFlow FID
-    network converted to PyTorch); torch-fidelity must be installed (`pip install torch-fidelity`).
+    network converted to PyTorch); torch-fidelity must be installed (`pip install 'augment-gan[inception]'`).
     """
     path = Path(weights_path)
     if not path.is_file():
         raise UserError(f"Inception weights not found: {path}")
-    try:
-        from torchmetrics.image.fid import NoTrainInceptionV3
-        import torch_fidelity  # noqa: F401  (torchmetrics' Inception wrapper is built on it)
-    except ImportError:
-        raise UserError("--features inception needs torchmetrics and torch-fidelity: "
-                        "pip install 'augment-gan[metrics]' torch-fidelity") from None
+    require_inception()
+    from torchmetrics.image.fid import NoTrainInceptionV3
     # torch-fidelity calls torch.load without weights_only; load safely once first so a file holding
     # pickled code is refused before anything else reads it.
     try:

@@ -1,7 +1,8 @@
 """Image files: the output formats, their encoders (a fast minimal PNG writer) and a pool that encodes and
 writes them atomically next to the generator.
 
-`FORMATS` is the one list of formats synth and vary write; the CLI builds its `--format` choices from it.
+`FORMATS` is the one list of image formats synth and vary write, `SYNTH_FORMATS` adds synth's tar shards; the
+CLI builds its `--format` choices from them.
 """
 from __future__ import annotations
 
@@ -20,8 +21,12 @@ from PIL import Image
 
 from augment_gan.atomic import DIR_FDS, write_atomic
 from augment_gan.errors import UserError
+from augment_gan.tarshards import TAR_FORMAT
 
 FORMATS = ("png", "jpg", "webp")
+SYNTH_FORMATS = (*FORMATS, TAR_FORMAT)
+"""What `synth --format` takes: an image format (one file per image), or "tar" (PNGs in tar shards,
+`augment_gan.tarshards`)."""
 DEFAULT_QUALITY = {"png": None, "jpg": 95, "webp": 90}
 # PNG's deflate stream. Encoding competes with G for the same cores, so the fastest good compressor wins:
 # ISA-L (the `isal` package, a dependency) at its level 0 takes about a tenth of zlib level 1's CPU on
@@ -149,7 +154,12 @@ def _write_chunk(images: Any, paths: list[str], fmt: str, quality: int | None) -
             folder, name = os.path.split(path)
             if folder not in folders:
                 folders[folder] = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY)
-            write_atomic(name, data, dir_fd=folders[folder])
+            try:
+                write_atomic(name, data, dir_fd=folders[folder])
+            except OSError as exc:
+                if exc.filename == name:
+                    exc.filename = path  # the folder-relative name alone does not say where
+                raise
     finally:
         for fd in folders.values():
             os.close(fd)

@@ -31,7 +31,8 @@ class ManifestRow:
     """One image of a generated folder, or one candidate a filter rejected (`kept` false, `file` null)."""
 
     file: str | None
-    """Path relative to the folder, '/'-separated; None for a rejected candidate that was never written."""
+    """Path relative to the folder, '/'-separated (in a `synth --format tar` set: `<shard>.tar/<member>`); None
+    for a rejected candidate that was never written."""
     index: int | None
     """Final index of the image (synth: its name; vary: source position × n + k); None when rejected."""
     seed: int

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import sys
@@ -31,7 +32,10 @@ from PIL import Image
 from augment_gan import __version__
 from augment_gan.atomic import write_bytes_atomic
 from augment_gan.errors import UserError
-from augment_gan.outputs import check_out_folder, class_folder, clear_outputs, inside, write_json
+from augment_gan.guard import output_lock
+from augment_gan.outputs import check_out_folder, class_folder, clear_outputs, inside, read_json, write_json
+
+_log = logging.getLogger(__name__)
 
 SETTINGS = "merge.json"
 LOG = "merge.jsonl"
@@ -82,8 +86,8 @@ def _synthetic_plan(synth_set: Any, real_per_group: dict[str | None, int], ratio
         stream = np.concatenate([rng.permutation(len(members)) for _ in range(passes)])[:count]
         if passes > 1:
             where = f"class {g}: " if g is not None else ""
-            print(f"{where}{len(members)} synthetic images for {count} outputs; reusing some with different "
-                  "augmentations", file=sys.stderr)
+            _log.warning(f"{where}{len(members)} synthetic images for {count} outputs; reusing some with different "
+                         "augmentations")
         for j, m in enumerate(stream):
             s = members[m]
             record = synth_set.records[s]
@@ -99,19 +103,16 @@ def merge_folders(real: str | os.PathLike, synthetic: str | os.PathLike | None, 
                   progress: bool = True) -> dict[str, Any]:
     """Write the merged, augmented ImageFolder to `out`; returns the summary also saved as merge.json.
 
-    `resolution` defaults to the synthetic images' size (else 64); real images are read with
+    `resolution` defaults to the synthetic images' size (else `ReadOptions.resolution`, 32); real images are read with
     `augment_gan.data` (`fit`, `background`, `channels`) and synthetic ones follow the real set's
     channel count. The number of synthetic outputs is round(ratio / (1 - ratio) × real outputs), with
     ratio from the recipe's mix section, split over the classes like the real outputs; within a class,
     synthetic images are used without repeats first, and reused (with a different augmentation,
     pass > 0) only when the class has too few.
+
+    A merge that was interrupted is finished by the same call; a second merge into `out` while one runs
+    is refused.
     """
-    from tqdm import tqdm
-
-    from augment_gan.data import RESOLUTIONS, ReadOptions, load_folder, read_image, scan_folder
-    from augment_gan.datasets import SyntheticImageFolder
-    from augment_gan.recipes import load_recipe
-
     if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
         raise UserError(f"copies must be a positive integer, got {copies!r}")
     real_root, out = Path(real).expanduser().resolve(), Path(out).expanduser().resolve()
@@ -119,13 +120,43 @@ def merge_folders(real: str | os.PathLike, synthetic: str | os.PathLike | None, 
     for name, source in (("--real", real_root), ("--synthetic", synth_root)):
         if source is not None and (inside(out, source) or inside(source, out)):
             raise UserError(f"--out {out} and {name} {source} must not contain each other")
-    _, clear = check_out_folder(out, SETTINGS, overwrite=overwrite)  # merge never resumes: it replaces
+    # A second merge into this folder would write the same files and remove each other's temporaries.
+    with output_lock(out, "merge"):
+        return _merge_locked(real_root, synth_root, out, recipe, copies, seed, overwrite, resolution, fit,
+                             background, channels, progress)
+
+
+def _identity(settings: dict[str, Any]) -> str:
+    """What makes two merges the same output (merge.json without its dates, counts and state), as JSON."""
+    keys = ("real", "synthetic", "recipe", "recipe_definition", "seed", "copies", "synthetic_ratio",
+            "read_options", "channels", "classes")
+    return json.dumps({k: settings.get(k) for k in keys}, sort_keys=True)
+
+
+def _merge_locked(real_root: Path, synth_root: Path | None, out: Path, recipe: str | os.PathLike, copies: int,
+                  seed: int, overwrite: bool, resolution: int | None, fit: str, background: tuple[int, int, int],
+                  channels: str, progress: bool) -> dict[str, Any]:
+    """The rest of `merge_folders`, holding the output folder's lock."""
+    from tqdm import tqdm
+
+    from augment_gan.data import RESOLUTIONS, ReadOptions, load_folder, read_image, scan_folder
+    from augment_gan.datasets import SyntheticImageFolder
+    from augment_gan.recipes import load_recipe
+
+    # A merge that was interrupted (merge.json says complete: false) is finished by the same command, keeping
+    # the files it wrote (each is written atomically and is a function of its name); a finished one is
+    # replaced only with `overwrite`.
+    old = read_json(out / SETTINGS)
+    resume = not overwrite and old is not None and old.get("complete") is False
+    clear = False
+    if not resume:
+        _, clear = check_out_folder(out, SETTINGS, overwrite=overwrite)
 
     real_recipe = load_recipe(recipe, part="real")
     synth_recipe = load_recipe(recipe, part="synthetic")
     if synth_root is not None and not real_recipe.use_synthetic:
-        print(f"recipe {real_recipe.name} does not use synthetic images (mix.use_synthetic: false); "
-              "ignoring --synthetic", file=sys.stderr)
+        _log.warning(f"recipe {real_recipe.name} does not use synthetic images (mix.use_synthetic: false); "
+                     "ignoring --synthetic")
         synth_root = None
 
     # Check the classes before decoding anything: a mismatch is the synthetic dataset's clear error.
@@ -133,12 +164,12 @@ def merge_folders(real: str | os.PathLike, synthetic: str | os.PathLike | None, 
     labeled = scan.layout == "classes"
     synth_set = None
     if synth_root is not None:
-        with warnings.catch_warnings(record=True) as caught:  # plain lines on stderr, like data.py's
+        with warnings.catch_warnings(record=True) as caught:  # logged like the rest, one line each
             warnings.simplefilter("always")
             synth_set = SyntheticImageFolder(synth_root, loader=lambda p: p,
                                              class_to_idx={c: i for i, c in enumerate(scan.classes)} if labeled else None)
         for warning in caught:
-            print(f"warning: {warning.message}", file=sys.stderr)
+            _log.warning(str(warning.message))
         if synth_set.classes and not labeled:
             raise UserError(f"{real_root} has no class folders but the synthetic set has classes; "
                             "merge a labeled real folder, or unconditional synthetic images")
@@ -188,6 +219,12 @@ def merge_folders(real: str | os.PathLike, synthetic: str | os.PathLike | None, 
         "read_options": options.to_dict(), "channels": real_set.channels,
         "classes": list(real_set.classes),
     }
+    if resume and _identity(old) != _identity(summary):
+        raise UserError(f"{out} holds an unfinished merge made with other settings; pass --overwrite to replace "
+                        "it or choose another --out")
+    for folder in [out, *(out / cls for cls in sorted({cls for *_, cls in plan if cls is not None}))]:
+        for tmp in folder.glob("*.tmp-*"):
+            tmp.unlink(missing_ok=True)  # left by a killed merge (we hold the folder's lock)
     write_json(out / SETTINGS, summary)
 
     lines = []
@@ -196,13 +233,16 @@ def merge_folders(real: str | os.PathLike, synthetic: str | os.PathLike | None, 
         target = out / rel
         aug_seed = _seed(seed, kind, index, copy)
         if kind == _REAL:
-            pixels, recipe_part, origin = np.array(real_set.images[index]), real_recipe, real_set.files[index]
+            origin = real_set.files[index]
         else:
-            path = synth_set.samples[index][0]
-            pixels, recipe_part = read_image(path, synth_options), synth_recipe
             origin = synth_set.records[index]["file"]
-        recipe_part.reseed(aug_seed)
-        write_bytes_atomic(target, _png(recipe_part.augment(pixels)), durable=False)  # many small files: no fsync
+        if not (resume and target.is_file()):  # a resumed merge keeps the files it finished
+            if kind == _REAL:
+                pixels, recipe_part = np.array(real_set.images[index]), real_recipe
+            else:
+                pixels, recipe_part = read_image(synth_set.samples[index][0], synth_options), synth_recipe
+            recipe_part.reseed(aug_seed)
+            write_bytes_atomic(target, _png(recipe_part.augment(pixels)), durable=False)  # many small files: no fsync
         source = "real" if kind == _REAL else "synthetic"
         lines.append(json.dumps({"file": rel, "source": source, "origin": origin, "class": cls,
                                  "copy": copy, "seed": aug_seed}))

@@ -42,7 +42,7 @@ def _torchmetrics_image():
         from torchmetrics.image.fid import FrechetInceptionDistance
         from torchmetrics.image.kid import KernelInceptionDistance
     except ImportError:
-        raise UserError("FD/KID need torchmetrics: pip install 'augment-gan[metrics]'") from None
+        raise UserError("FD/KID need torchmetrics, a dependency of augment-gan: pip install torchmetrics") from None
     return FrechetInceptionDistance, KernelInceptionDistance
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, Subset
 
-from augment_gan.datasets import GeneratorDataset, SyntheticImageFolder
+from augment_gan.datasets import GeneratorDataset, SyntheticImageFolder, SyntheticTarDataset
 from augment_gan.errors import UserError
 
 # ----------------------------------------------------------------------------------------------------------
@@ -80,8 +80,9 @@ def _hw(size: tuple[int, int] | None) -> str:
 def match_size(real: Dataset, synthetic: Dataset) -> tuple[Dataset, tuple[int, int] | None]:
     """(synthetic dataset whose items come out the real items' size, that size (H, W) or None if unknown).
 
-    A `SyntheticImageFolder` or `GeneratorDataset` without `size=` is copied with `size` set to the real
-    size; one given another `size=` explicitly, or another dataset whose tensors differ, is a UserError.
+    A `SyntheticImageFolder`, `SyntheticTarDataset` or `GeneratorDataset` without `size=` is copied with `size`
+    set to the real size; one given another `size=` explicitly, or another dataset whose tensors differ, is a
+    UserError.
     Other datasets whose PIL images differ are left to the user's collate function (size None).
     """
     real_size, real_stacks = _output_size(real)
@@ -91,7 +92,7 @@ def match_size(real: Dataset, synthetic: Dataset) -> tuple[Dataset, tuple[int, i
     inner = synthetic
     while isinstance(inner, Subset):
         inner = inner.dataset
-    if isinstance(inner, (SyntheticImageFolder, GeneratorDataset)):
+    if isinstance(inner, (SyntheticImageFolder, SyntheticTarDataset, GeneratorDataset)):
         if inner.size is not None:
             raise UserError(f"the synthetic images come out {_hw(synth_size)} (size={inner.size} was asked for) "
                             f"but the real ones {_hw(real_size)}; leave size unset to use the real images' size")

@@ -7,13 +7,38 @@ replaced, and replacing deletes only file names the command writes itself.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from augment_gan.atomic import write_bytes_atomic
 from augment_gan.errors import UserError
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """The folders `folder.mkdir(parents=True)` would create, deepest first."""
+    missing = []
+    for path in [folder, *folder.parents]:
+        if path.exists() or path.is_symlink():
+            break
+        missing.append(path)
+    return missing
+
+
+@contextlib.contextmanager
+def removed_on_failure(folder: Path) -> Iterator[None]:
+    """Run the block; when it raises, remove `folder` and the parents it created again, if they are still
+    empty, so that a command that fails leaves the file system as it was."""
+    created = missing_folders(Path(folder))
+    try:
+        yield
+    except BaseException:
+        for path in created:
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only an empty folder: nothing written there is ever deleted here
+        raise
 
 
 def check_class_name(name: Any) -> str:
@@ -23,6 +48,43 @@ def check_class_name(name: Any) -> str:
     if "/" in name or "\\" in name or (os.sep in name) or (os.altsep and os.altsep in name):
         raise UserError(f"the checkpoint's class name {name!r} contains a path separator")
     return name
+
+
+def reserve_room(folder: Path, sizes: Iterable[int]) -> list[Path]:
+    """Take disk space for files of these sizes now, in hidden `.room-<k>.tmp-<pid>` files of `folder`
+    (created with its parents); deleting them gives the space back. Raises the `OSError` a real write would
+    (read-only folder, full disk, file size limit), leaving nothing behind.
+
+    The space is allocated with `posix_fallocate` (written as zeros where that does not exist), so it is
+    really the file system's, not a sparse promise.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    try:
+        for k, size in enumerate(sizes):
+            files.append(folder / f".room-{k}.tmp-{os.getpid()}")
+            fd = os.open(files[-1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                if size and hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(fd, 0, size)
+                else:
+                    zeros = bytes(min(size, 1 << 20))
+                    for start in range(0, size, len(zeros) or 1):
+                        os.write(fd, zeros[:size - start])
+            finally:
+                os.close(fd)
+    except BaseException:
+        for path in files:
+            path.unlink(missing_ok=True)
+        raise
+    return files
+
+
+def check_room(folder: Path, sizes: Iterable[int] = (0,)) -> None:
+    """Fail now, not after the work, when `folder` cannot take files of these sizes at once (see
+    `reserve_room`; the space is given back at once)."""
+    for path in reserve_room(folder, sizes):
+        path.unlink(missing_ok=True)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

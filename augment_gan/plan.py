@@ -12,6 +12,10 @@ candidates are its own final indices (the "primaries") plus, with `--keep-top F`
 beyond the class's end, so that a unit of k finals has ceil(k/F) candidates (per class: ceil(n_c/F)). Extras
 of class c use the latent indices c + C·t for t = n_c, n_c + 1, ... in unit order. Shard K of N owns the
 units at positions K, K+N, ...
+
+With `--format tar` (`augment_gan.tarshards`) the units are also grouped into tar shards of `tar_units`
+consecutive units: shard t holds units t·U .. t·U + U - 1, its images are named `shard-<t>.tar/<index>.png`,
+and process shard K of N owns the tar shards K, K+N, ... (a tar is written by one process).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from fractions import Fraction
 from augment_gan.errors import UserError
 from augment_gan.imagefile import FORMATS
 from augment_gan.outputs import check_class_name
+from augment_gan.tarshards import TAR_FORMAT, TAR_IMAGE_FORMAT, shard_name
 
 GROUP_SIZE = 256
 """Final images of one class per unit: the granularity of shards, resume and keep-top ranking."""
@@ -86,10 +91,23 @@ class Plan:
     keep_top: float | None
     ext: str
     units: tuple[Unit, ...] = field(repr=False)
+    tar_units: int | None = None
+    """Units per tar shard (`--format tar`); None: one file per image, in class folders."""
 
     def relpath(self, unit: Unit, index: int) -> str:
         name = f"{index:06d}.{self.ext}"
+        if self.tar_units:
+            return f"{self.tar_of(unit)}/{name}"
         return name if unit.class_name is None else f"{unit.class_name}/{name}"
+
+    def tar_of(self, unit: Unit) -> str:
+        """The tar shard holding a unit's images (`--format tar`)."""
+        assert self.tar_units
+        return shard_name(unit.position // self.tar_units)
+
+    def owner(self, unit: Unit, n: int) -> int:
+        """Which of n process shards writes a unit: units go round-robin, or whole tar shards do."""
+        return (unit.position // (self.tar_units or 1)) % n
 
     def label_of(self, index: int) -> int | None:
         """The label plan: final index i belongs to selected class i % C."""
@@ -97,7 +115,7 @@ class Plan:
 
     def owned(self, shard: tuple[int, int]) -> list[Unit]:
         k, n = shard
-        return [u for u in self.units if u.position % n == k]
+        return [u for u in self.units if self.owner(u, n) == k]
 
     def unit_of_final(self, index: int) -> Unit | None:
         c, t = index % len(self.classes), index // len(self.classes)
@@ -116,8 +134,9 @@ class Plan:
 
 def make_plan(checkpoint_classes: list[str], num_classes: int, *, n: int | None = None,
               per_class: int | None = None, classes: tuple[str, ...] | None = None,
-              keep_top: float | None = None, fmt: str = "png") -> Plan:
-    """The final indices, labels and candidates of a set (a pure function of its options)."""
+              keep_top: float | None = None, fmt: str = "png", images_per_tar: int | None = None) -> Plan:
+    """The final indices, labels and candidates of a set (a pure function of its options). `fmt` "tar" groups
+    the units into tar shards of `images_per_tar` images (a multiple of `GROUP_SIZE`)."""
     if num_classes == 0:
         if per_class is not None or classes:
             raise UserError("--per-class and --classes need a class-conditional checkpoint; this one is unconditional")
@@ -157,8 +176,12 @@ def make_plan(checkpoint_classes: list[str], num_classes: int, *, n: int | None 
             extra_t = range(counts[c] + extras_before(start), counts[c] + extras_before(end))
             units.append(Unit(len(units), c, g, labels[c], names[c], finals,
                               finals + tuple(c + C * t for t in extra_t)))
+    tar_units = None
+    if fmt == TAR_FORMAT:
+        assert images_per_tar is not None and images_per_tar % GROUP_SIZE == 0, images_per_tar
+        tar_units = images_per_tar // GROUP_SIZE
     return Plan(n=n, classes=names, labels=labels, counts=counts, keep_top=keep_top,
-                ext=fmt, units=tuple(units))
+                ext=TAR_IMAGE_FORMAT if tar_units else fmt, units=tuple(units), tar_units=tar_units)
 
 
 def select(unit: Unit, scores: dict[int, float] | None, dropped: set[int], keep_top: float | None

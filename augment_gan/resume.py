@@ -1,8 +1,9 @@
 """Resuming a synthetic set: what of a plan is already on disk, and the merged manifest once every shard
 is done.
 
-A final image is done when its file exists and decodes; with filters, a unit is done when every candidate
-has a manifest row (any shard's manifest or journal) that fits the plan and its kept files are present.
+A final image is done when its file exists and decodes, or, with `--format tar`, when its tar shard exists
+(shards are renamed into place whole); with filters, a unit is done when every candidate has a manifest row
+(any shard's manifest or journal) that fits the plan and its kept files are present.
 Rows found on disk are rebuilt from the plan, so a resumed set's manifest is byte-identical to an
 uninterrupted one.
 """
@@ -24,6 +25,7 @@ from augment_gan.manifest import (
     write_manifest,
 )
 from augment_gan.plan import IMAGE_TMP, Plan, Unit
+from augment_gan.tarshards import SHARD_NAME, SHARD_TMP, complete_tar
 
 
 @dataclass(frozen=True)
@@ -115,9 +117,13 @@ def find_progress(out: Path, rows: SetRows, owned: list[Unit], *, filtered: bool
                   resolution: int, workers: int) -> Progress:
     """What of the units `owned` is done in `out` (nothing with `overwrite`)."""
     plan, progress = rows.plan, Progress()
-    # Which files exist and decode; a broken or foreign file is simply regenerated. Listing the folders
-    # first keeps a fresh run from probing every planned name.
-    if not overwrite:
+    if plan.tar_units and not overwrite:
+        # A shard is renamed into place whole: its images are done when it is there, ending as an archive ends.
+        done_tars = {name for name in os.listdir(out) if SHARD_NAME.match(name) and complete_tar(out / name)}
+        progress.valid = {i: True for u in owned if plan.tar_of(u) in done_tars for i in u.finals}
+    elif not overwrite:
+        # Which files exist and decode; a broken or foreign file is simply regenerated. Listing the folders
+        # first keeps a fresh run from probing every planned name.
         present = set()
         for folder in {os.path.dirname(plan.relpath(u, u.finals[0])) for u in owned}:
             with os.scandir(out / folder) as entries:
@@ -145,20 +151,36 @@ def find_progress(out: Path, rows: SetRows, owned: list[Unit], *, filtered: bool
     return progress
 
 
+def _on_disk(out: Path, plan: Plan) -> Callable[[str], bool]:
+    """Whether a final image (its `Plan.relpath`) is on disk: its file, or its tar shard."""
+    if not plan.tar_units:
+        return lambda f: (out / f).is_file()
+    shards: dict[str, bool] = {}
+
+    def present(f: str) -> bool:
+        tar = f.split("/", 1)[0]
+        if tar not in shards:
+            shards[tar] = (out / tar).is_file()
+        return shards[tar]
+
+    return present
+
+
 def try_merge(out: Path, rows: SetRows, filtered: bool) -> Path | None:
     """Write the merged manifest when every unit of the set (all shards) is done; else return None."""
     plan = rows.plan
     cache = load_rows(out, rows) if filtered else {}
+    present = _on_disk(out, plan)
     merged: list[ManifestRow] = []
     for unit in plan.units:
         if filtered:
-            done = unit_rows(unit, cache, lambda f: (out / f).is_file())
+            done = unit_rows(unit, cache, present)
             if done is None:
                 return None
             merged += done
         else:
             for index in unit.finals:
-                if not (out / plan.relpath(unit, index)).is_file():
+                if not present(plan.relpath(unit, index)):
                     return None
                 merged.append(rows.row(unit, latent=index, index=index))
     write_manifest(out / MANIFEST, merged)
@@ -172,9 +194,13 @@ def clean_stale_tmp(out: Path, plan: Plan, shard: tuple[int, int]) -> None:
             continue
         for p in folder.iterdir():
             match = IMAGE_TMP.match(p.name)
+            tar = SHARD_TMP.match(p.name) if folder == out else None
             if match:
                 unit = plan.unit_of_final(int(match.group(1)))
-                if unit is None or unit.position % shard[1] == shard[0]:
+                if unit is None or plan.owner(unit, shard[1]) == shard[0]:
+                    p.unlink(missing_ok=True)
+            elif tar:
+                if int(tar.group(1)) % shard[1] == shard[0]:  # tar shard t is written by process shard t % N
                     p.unlink(missing_ok=True)
             elif folder == out and ".tmp-" in p.name:
                 own = p.name.startswith(shard_manifest_name(shard) + ".")

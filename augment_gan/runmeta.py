@@ -102,6 +102,10 @@ class RunMeta:
                        package_version=str(data.get("package_version", "")))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise UserError(f"{source}: checkpoint metadata is incomplete or malformed ({exc!r})") from None
+        except UserError as exc:
+            if str(source) in str(exc):
+                raise
+            raise UserError(f"{source}: {exc}") from None
 
     @classmethod
     def from_json(cls, text: str, source: str | Path = "checkpoint") -> "RunMeta":

@@ -4,7 +4,8 @@ The pieces it composes, each in its own module:
 - the plan (`augment_gan.plan`): image i is a pure function of (checkpoint, seed, options, i); which latent
   index becomes which file, in units of up to 256 images of one class, and which shard owns a unit;
 - the generator pipeline (`sample.decode_batches`): latents drawn ahead, G in parallel lanes;
-- image files (`augment_gan.imagefile`): encoded and written atomically in a worker pool;
+- image files (`augment_gan.imagefile`): encoded and written atomically in a worker pool; or, with
+  `--format tar`, PNGs appended to webdataset-style tar shards (`augment_gan.tarshards`);
 - resume (`augment_gan.resume`): what of the plan is already on disk, and the merged manifest;
 - the manifest (`augment_gan.manifest`) and the output folder rules (`augment_gan.outputs`).
 
@@ -28,7 +29,8 @@ Safety
     Every file is written as `<name>.tmp-<pid>` in its final folder and renamed, so a killed run leaves at
     most temporary files, which the next run removes. A non-empty output folder is only reused when its
     `synth.json` records the same settings; other settings need `--overwrite`. Class names come from the
-    checkpoint and are checked to be plain folder names.
+    checkpoint and are checked to be plain folder names. A process holds a lock on its shard of the folder
+    (`guard.output_lock`): a second synth of the same shard, or of another --shard N, is refused.
 """
 from __future__ import annotations
 
@@ -38,13 +40,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from augment_gan import __version__
 from augment_gan.dedup import DEDUP_FEATURE, DEDUP_PERCENTILE, DedupIndex, dedup_root, load_dedup_index
 from augment_gan.device import pick_device
 from augment_gan.errors import UserError
-from augment_gan.imagefile import DEFAULT_QUALITY, FORMATS, PNG_COMPRESSOR, ImageWriter, default_workers
+from augment_gan.guard import output_lock
+from augment_gan.imagefile import DEFAULT_QUALITY, PNG_COMPRESSOR, SYNTH_FORMATS, ImageWriter, default_workers
 from augment_gan.manifest import (
     MANIFEST,
     ManifestRow,
@@ -56,6 +59,11 @@ from augment_gan.manifest import (
 from augment_gan.outputs import check_out_folder, class_folder, clear_outputs, write_json
 from augment_gan.plan import GROUP_SIZE, IMAGE_NAME, IMAGE_TMP, Plan, Unit, make_plan, select, shard_from_env
 from augment_gan.resume import SetRows, clean_stale_tmp, find_progress, try_merge
+from augment_gan.tarshards import DEFAULT_IMAGES_PER_TAR, SHARD_NAME, SHARD_TMP, TAR_FORMAT, TarWriter
+from augment_gan.validation import check_types
+
+if TYPE_CHECKING:
+    from augment_gan.checkpoint import Checkpoint
 
 SETTINGS = "synth.json"
 LAYOUT_VERSION = 1
@@ -79,6 +87,7 @@ class SynthConfig:
     truncation: float = 1.0
     """ψ: latents are scaled by ψ toward the prior's mean 0 (see `augment_gan.sample`)."""
     format: str = "png"
+    """An image format (one file per image), or "tar": PNGs in webdataset-style tar shards (`augment_gan.tarshards`)."""
     quality: int | None = None
     """JPEG/WebP quality 1-100 (default 95 / 90); PNG is lossless and takes none."""
     keep_top: float | None = None
@@ -87,6 +96,8 @@ class SynthConfig:
     """Drop near-copies of training images."""
     dedup_real: str | None = None
     """Training images for `dedup` (default: the folder recorded in the checkpoint)."""
+    images_per_tar: int | None = None
+    """`format="tar"`: images per tar shard, a multiple of 256 (default `tarshards.DEFAULT_IMAGES_PER_TAR`)."""
 
     batch_size: int | None = None
     """Generator batch (default 256 up to 64px, fewer above; never changes the images)."""
@@ -105,6 +116,7 @@ class SynthConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_types(self)
         if (self.n is None) == (self.per_class is None):
             raise UserError("give the number of images: --n N or --per-class N (not both)")
         for name in ("n", "per_class"):
@@ -115,13 +127,25 @@ class SynthConfig:
             object.__setattr__(self, "classes", tuple(self.classes))
             if not self.classes:
                 raise UserError("--classes is empty")
-        if self.format not in FORMATS:
-            raise UserError(f"unknown format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        if self.format not in SYNTH_FORMATS:
+            raise UserError(f"unknown format {self.format!r}; choose one of {', '.join(SYNTH_FORMATS)}")
+        if self.format == TAR_FORMAT:
+            if self.images_per_tar is None:
+                object.__setattr__(self, "images_per_tar", DEFAULT_IMAGES_PER_TAR)
+            if self.images_per_tar < GROUP_SIZE or self.images_per_tar % GROUP_SIZE:
+                raise UserError(f"--images-per-tar must be a positive multiple of {GROUP_SIZE} (the unit of shards "
+                                f"and resume), got {self.images_per_tar}")
+            if self.pool != "thread":
+                raise UserError("--format tar encodes in threads (pool 'thread'); the process pool writes files")
+        elif self.images_per_tar is not None:
+            raise UserError("--images-per-tar applies to --format tar")
         if self.quality is not None:
-            if self.format == "png":
-                raise UserError("--quality applies to jpg and webp; png is lossless")
+            if self.format in ("png", TAR_FORMAT):
+                raise UserError("--quality applies to jpg and webp; png is lossless (and --format tar holds PNGs)")
             if not 1 <= self.quality <= 100:
                 raise UserError(f"--quality must be in 1..100, got {self.quality}")
+        if self.seed < 0:
+            raise UserError(f"--seed must be >= 0, got {self.seed}")
         if not 0.0 <= self.truncation <= 2.0:
             raise UserError(f"--truncation must be in [0, 2], got {self.truncation}")
         if self.keep_top is not None and not 0.0 < self.keep_top <= 1.0:
@@ -198,8 +222,9 @@ def _settings(ckpt: Any, plan: Plan, config: SynthConfig, dedup_real: Path | Non
         "truncation_method": "psi: z * psi (the prior's mean is 0)",
         "latent_scheme": LATENT_SCHEME,
         "format": config.format,
-        "quality": config.quality or DEFAULT_QUALITY[config.format],
-        "png_compressor": PNG_COMPRESSOR if config.format == "png" else None,
+        "quality": config.quality or DEFAULT_QUALITY[plan.ext],
+        "png_compressor": PNG_COMPRESSOR if plan.ext == "png" else None,
+        "images_per_tar": config.images_per_tar,
         "resolution": ckpt.resolution,
         "channels": ckpt.channels,
         "group_size": GROUP_SIZE,
@@ -215,7 +240,7 @@ def _settings(ckpt: Any, plan: Plan, config: SynthConfig, dedup_real: Path | Non
 
 
 _IDENTITY = ("layout_version", "classes", "conditional", "selected_classes", "counts", "n", "seed",
-             "truncation", "latent_scheme", "format", "quality", "group_size")
+             "truncation", "latent_scheme", "format", "quality", "group_size", "images_per_tar")
 
 
 def _identity(settings: dict[str, Any]) -> dict[str, Any]:
@@ -253,14 +278,18 @@ class _Run:
 
 
 def _synth_owned(rel: str) -> bool:
-    """A file name synth writes (what `--overwrite` may delete): images, their temporaries, manifests."""
+    """A file name synth writes (what `--overwrite` may delete): images, tar shards, their temporaries,
+    manifests."""
     folder, _, name = rel.rpartition("/")
+    if not folder and (SHARD_NAME.match(name) or SHARD_TMP.match(name)):
+        return True
     return bool(IMAGE_NAME.match(name) or IMAGE_TMP.match(name)) or (not folder and is_manifest_file(name))
 
 
 def _prepare_folder(run: _Run, plan: Plan, settings: dict[str, Any], old: dict[str, Any] | None,
                     replace: bool) -> None:
-    """Clear a replaced set, remove stale temporaries, record the settings, create the class folders."""
+    """Clear a replaced set, remove stale temporaries, record the settings, create the class folders (not for
+    tar shards)."""
     out = run.out
     out.mkdir(parents=True, exist_ok=True)
     if replace:  # only reached with --overwrite
@@ -273,11 +302,12 @@ def _prepare_folder(run: _Run, plan: Plan, settings: dict[str, Any], old: dict[s
         for name in (MANIFEST, shard_manifest_name(run.shard), journal_name(run.shard)):
             (out / name).unlink(missing_ok=True)
     for name, count in zip(plan.classes, plan.counts):
-        if name is not None and count:  # no empty class folders: ImageFolder rejects them
+        if name is not None and count and not plan.tar_units:  # no empty class folders: ImageFolder rejects them
             class_folder(out, name)
 
 
-def _decide_unit(run: _Run, unit: Unit, buf: dict[str, dict[int, Any]], writer: ImageWriter, on_done: Any) -> None:
+def _decide_unit(run: _Run, unit: Unit, buf: dict[str, dict[int, Any]], writer: ImageWriter | TarWriter,
+                 on_done: Any) -> None:
     """Apply the filters to a unit whose candidates are all generated, and write the kept images."""
     import torch
 
@@ -301,7 +331,7 @@ def _decide_unit(run: _Run, unit: Unit, buf: dict[str, dict[int, Any]], writer: 
 
 
 def _filter_batch(run: _Run, batch: list[tuple[Unit, int]], images: Any, buffers: dict[int, dict[str, dict[int, Any]]],
-                  writer: ImageWriter, on_done: Any) -> None:
+                  writer: ImageWriter | TarWriter, on_done: Any) -> None:
     """Score a batch of candidates (uint8 N×C×H×W: the bytes that would be written); decide full units."""
     import torch
 
@@ -347,7 +377,11 @@ def _generate(run: _Run, jobs: list[tuple[Unit, list[int]]], batch_size: int, wo
             journal.flush()
         bar.update(sum(r.kept for r in rows))
 
-    writer = ImageWriter(workers, config.format, config.quality, on_done, config.pool)
+    if run.rows.plan.tar_units:
+        tars = list(dict.fromkeys(run.rows.plan.tar_of(unit) for unit, _ in jobs))  # in the order images come
+        writer: ImageWriter | TarWriter = TarWriter(run.out, tars, workers, on_done)
+    else:
+        writer = ImageWriter(workers, config.format, config.quality, on_done, config.pool)
     t_loop = time.perf_counter()
     ok = False
     buffers: dict[int, dict[str, dict[int, Any]]] = {}
@@ -378,7 +412,8 @@ def _generate(run: _Run, jobs: list[tuple[Unit, list[int]]], batch_size: int, wo
     return time.perf_counter() - t_loop
 
 
-def synth(checkpoint: Any, out: str | Path, config: SynthConfig | None = None, **options: Any) -> SynthSummary:
+def synth(checkpoint: str | os.PathLike[str] | Checkpoint, out: str | Path, config: SynthConfig | None = None,
+          **options: Any) -> SynthSummary:
     """Write (this shard of) a synthetic set to `out`; returns what was done (`augment-gan synth`).
 
     `checkpoint` is a run directory, a checkpoint file, or an already loaded `Checkpoint`. Give the
@@ -388,8 +423,6 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig | None = None, *
         config = SynthConfig(**options)
     elif options:
         raise TypeError("give either a SynthConfig or its fields as keywords, not both")
-    from augment_gan.sample import default_batch_size, default_lanes
-
     t_start = time.perf_counter()
     shard = config.shard or shard_from_env()
     device = pick_device(config.device)
@@ -405,8 +438,18 @@ def synth(checkpoint: Any, out: str | Path, config: SynthConfig | None = None, *
     if config.keep_top is not None:
         ckpt.D.to(device)
     plan = make_plan(ckpt.classes, ckpt.num_classes, n=config.n, per_class=config.per_class,
-                     classes=config.classes, keep_top=config.keep_top, fmt=config.format)
+                     classes=config.classes, keep_top=config.keep_top, fmt=config.format,
+                     images_per_tar=config.images_per_tar)
     out = Path(out)
+    # Two processes writing one shard would remove each other's temporaries: one of them is refused.
+    with output_lock(out, "synth", shard, exclusive=config.overwrite):
+        return _synth_locked(ckpt, plan, out, config, shard, device, t_start)
+
+
+def _synth_locked(ckpt: Any, plan: Plan, out: Path, config: SynthConfig, shard: tuple[int, int], device: Any,
+                  t_start: float) -> SynthSummary:
+    """The rest of `synth`, holding the output folder's lock."""
+    from augment_gan.sample import default_batch_size, default_lanes
 
     # May we write there? Then the training images for --dedup, and the folder.
     real_root = dedup_root(ckpt, config.dedup_real) if config.dedup else None

@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import shutil
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,21 +24,32 @@ from tqdm import tqdm
 
 from augment_gan import __version__, diffaug
 from augment_gan.atomic import write_bytes_atomic
-from augment_gan.checkpoint import list_checkpoints, load_training_state, save_checkpoint
-from augment_gan.config import TrainConfig
+from augment_gan.checkpoint import (
+    SUPERSEDED,
+    checkpoint_dir,
+    checkpoint_step,
+    estimated_size,
+    list_checkpoints,
+    load_training_state,
+    remove_unfinished,
+    resume_point,
+    save_checkpoint,
+    supersede_after,
+)
+from augment_gan.config import RESUME_OVERRIDABLE, TrainConfig, run_differences
 from augment_gan.data import ReadOptions, load_folder
 from augment_gan.device import resolve_device
 from augment_gan.distributed import all_reduce_mean_grads, any_rank, dist_env, global_mean
-from augment_gan.errors import UserError
+from augment_gan.errors import UserError, os_error_message
 from augment_gan.grid import save_grid
 from augment_gan.guard import StopFlag, run_lock
 from augment_gan.models import build_networks, standing_statistics
 from augment_gan.objective import BatchLayout, Objective, autocast, draw_step
+from augment_gan.outputs import reserve_room
 from augment_gan.pixels import hwc_to_nchw, to_float
 from augment_gan.runmeta import DataInfo, RunMeta
 
-# Config fields a resumed run may change: they set how long and how often, not what is computed.
-RESUME_OVERRIDABLE = ("kimg", "minutes", "checkpoint_minutes", "log_every", "num_workers")
+_log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(UserError):
@@ -46,6 +58,10 @@ class TrainingDiverged(UserError):
 
 class Interrupted(UserError):
     """SIGINT/SIGTERM arrived; a checkpoint was written at the last step boundary."""
+
+
+class WriteFailed(UserError):
+    """Writing the run's files failed (a full disk, a read-only folder); the last good checkpoint is kept."""
 
 
 def _ema_beta(config: TrainConfig, batch: int, nimg: int) -> float:
@@ -60,9 +76,9 @@ def _ema_beta(config: TrainConfig, batch: int, nimg: int) -> float:
 
 @dataclass
 class _TrainingSet:
-    """The training folder decoded to uint8 N×C×R×R, with the labels a conditional run trains on."""
+    """The training folder decoded to uint8 N×R×R×C, with the labels a conditional run trains on."""
 
-    data: torch.Tensor
+    data: np.ndarray                   # N×R×R×C uint8, memory-mapped from the cache (augment_gan.data)
     labels: torch.Tensor | None        # N, int64; None when the run is unconditional
     classes: list[str]                 # the classes G draws (empty when unconditional)
     info: DataInfo
@@ -82,30 +98,60 @@ def _load_training_set(folder, config: TrainConfig, cache: Path, progress: bool,
         dist.barrier()
     if rank != 0:
         images = load_folder(folder, options, cache_dir=cache, progress=False)
-    data = hwc_to_nchw(images.images)
+    data = images.images  # a memory map: batches are read from it, the folder is never copied into memory
     conditional = bool(config.conditional and images.labels is not None and len(images.classes) > 1)
     counts = (np.bincount(np.asarray(images.labels), minlength=len(images.classes)).tolist()
               if images.labels is not None else [])
-    info = DataInfo(root=str(Path(folder).resolve()), images=int(data.shape[0]), channels=int(data.shape[1]),
+    info = DataInfo(root=str(Path(folder).resolve()), images=int(data.shape[0]), channels=int(data.shape[3]),
                     classes=tuple(images.classes), skipped=len(images.skipped), class_counts=tuple(counts))
     labels = torch.from_numpy(np.asarray(images.labels, dtype=np.int64)) if conditional else None
     return _TrainingSet(data, labels, list(images.classes) if conditional else [], info)
 
 
-def _saved_state(out_dir: Path, config: TrainConfig, resume: bool):
-    """The latest checkpoint's training state when resuming (None for a fresh run), after the checks."""
+class _MappedImages:
+    """Training images indexed per batch from the memory-mapped cache: `images[idx]` (idx a CPU int64
+    tensor) -> uint8 N×C×R×R tensor. Only the batch is copied, so memory does not grow with the folder."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, data: np.ndarray):
+        self.data = data  # uint8 N×R×R×C
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        return hwc_to_nchw(np.asarray(self.data[idx.numpy()]))
+
+
+_TO_DEVICE_CHUNK = 4096  # images per host-to-GPU copy: 50 MB at 64 px RGB, whatever the folder's size
+
+
+def _images_on(dev: torch.device, data: np.ndarray) -> torch.Tensor | _MappedImages:
+    """The training images (uint8 N×R×R×C) as the loop indexes them: uint8 N×C×R×R on the GPU when they take
+    at most half its free memory (no copy per step), copied there in chunks; else read per batch from the map."""
+    if dev.type == "cuda" and data.nbytes <= torch.cuda.mem_get_info(dev)[0] // 2:
+        n, r, _, c = data.shape
+        out = torch.empty((n, c, r, r), dtype=torch.uint8, device=dev)
+        for start in range(0, n, _TO_DEVICE_CHUNK):
+            out[start:start + _TO_DEVICE_CHUNK] = hwc_to_nchw(data[start:start + _TO_DEVICE_CHUNK]).to(dev)
+        return out
+    return _MappedImages(data)
+
+
+def _saved_state(out_dir: Path, config: TrainConfig, resume: bool, checkpoint: str | Path | None):
+    """The training state to continue when resuming (None for a fresh run), after the checks: the run's
+    newest checkpoint, or `checkpoint`."""
     existing = list_checkpoints(out_dir)
     if not resume:
+        if checkpoint is not None:
+            raise UserError("--checkpoint picks the checkpoint --resume continues; pass --resume too")
         # A folder whose fit stopped before its first checkpoint holds nothing worth keeping: start it again.
         if existing:
             raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
         return None
-    if not existing:
-        raise UserError(f"--resume: {out_dir} has no checkpoint to resume from; run the same command without "
-                        "--resume to start it from step 0")
-    saved = load_training_state(existing[-1])
-    diffs = [f.name for f in fields(TrainConfig)
-             if f.name not in RESUME_OVERRIDABLE and getattr(saved[3].config, f.name) != getattr(config, f.name)]
+    saved = load_training_state(resume_point(out_dir, checkpoint), run_dir=out_dir)
+    diffs = run_differences(saved[3].config, config)
     if diffs:
         raise UserError(f"--resume: {', '.join(diffs)} differ from the run's saved config; only "
                         f"{', '.join(RESUME_OVERRIDABLE)} may change")
@@ -117,8 +163,8 @@ def _check_same_data(old: RunMeta, train_set: _TrainingSet) -> None:
         raise UserError(f"--resume: the folder's classes/channels differ from the run's "
                         f"({list(old.classes)}, {old.channels} channels)")
     if old.data.images != train_set.info.images:
-        print(f"warning: the folder now has {train_set.info.images} images (the run started with "
-              f"{old.data.images}); resuming is no longer exact", file=sys.stderr)
+        _log.warning(f"the folder now has {train_set.info.images} images (the run started with "
+                     f"{old.data.images}); resuming is no longer exact")
 
 
 def _build(config: TrainConfig, train_set: _TrainingSet, dev: torch.device):
@@ -174,8 +220,77 @@ def _save(run: _Run, step: int, nimg: int, elapsed_s: float) -> Path:
              if labels is not None else None)
         with autocast(dev):
             images_out = G_ema(run.grid_z.to(dev), y)
-    save_grid(images_out.float(), config.grid_size, run.out_dir / "grids" / f"grid-{step:08d}.png")
+    try:
+        save_grid(images_out.float(), config.grid_size, run.out_dir / "grids" / f"grid-{step:08d}.png")
+    except OSError as exc:  # a preview: the checkpoint is what counts, and it is written
+        _log.warning(f"could not write the sample grid of step {step}: {os_error_message(exc)}")
     return path
+
+
+def _remove_unfinished(out_dir: Path) -> list[Path]:
+    """What killed writes left in a run folder: checkpoint files without their JSON, and the temporaries of
+    checkpoints, grids, config.json, log.jsonl and the run's image cache. Called holding the run lock, so
+    nothing is being written there."""
+    removed = remove_unfinished(out_dir)
+    for folder in (out_dir, out_dir / "grids", out_dir / "cache"):
+        if folder.is_dir():
+            for path in folder.glob("*.tmp-*"):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+class _Room:
+    """Disk space for the run's next checkpoint, held while it trains: taken before the first step (a folder
+    that cannot hold a checkpoint fails then, not after the budget), given back just before each save and
+    taken again after it. So a disk that other programs fill up meanwhile cannot cost the run its save."""
+
+    def __init__(self, run: _Run) -> None:
+        self.folder, self.sizes = checkpoint_dir(run.out_dir), estimated_size(run.nets, run.optims)
+        try:
+            self.files = reserve_room(self.folder, self.sizes)
+        except OSError as exc:
+            raise WriteFailed(f"{self.folder} cannot hold a checkpoint of this run ({sum(self.sizes) / 1e6:.1f} "
+                              f"MB): {exc.strerror or exc}; stopped before training") from None
+
+    def release(self) -> None:
+        for path in self.files:
+            path.unlink(missing_ok=True)
+        self.files = []
+
+    def renew(self) -> None:
+        try:
+            self.files = reserve_room(self.folder, self.sizes)
+        except OSError as exc:   # the checkpoint just written is safe; the next save may fail and say so
+            _log.warning(f"no room is left for the next checkpoint in {self.folder} ({exc.strerror or exc})")
+
+
+def _checkpoint(run: _Run, step: int, nimg: int, elapsed_s: float, last: Path | None, room: _Room | None) -> Path:
+    """`_save` into the space `room` held, unless the newest checkpoint already holds this step (the same
+    state: saved once)."""
+    if last is not None and checkpoint_step(last) == step:
+        return last
+    if room is not None:
+        room.release()
+    path = _save(run, step, nimg, elapsed_s)
+    if room is not None:
+        room.renew()
+    return path
+
+
+def _kept_work(last: Path | None, step: int, elapsed_s: float) -> str:
+    """What a run that stops now keeps: its last good checkpoint and the work in it, or nothing."""
+    if last is None:
+        return (f"no checkpoint was written, so the {step} steps ({elapsed_s / 60:.2f} minutes) of this session "
+                "are lost; free some space, then run the same command again")
+    try:
+        meta = json.loads(last.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return f"the last good checkpoint is {last}; continue with the same command plus --resume"
+    lost = step - meta["step"]
+    return (f"the last good checkpoint is {last} (step {meta['step']}, {meta['kimg']:.2f} kimg, "
+            f"{meta['elapsed_s'] / 60:.2f} minutes of training; the steps after it ({lost}) are lost); "
+            "free some space, then continue with the same command plus --resume")
 
 
 class _Budget:
@@ -318,13 +433,18 @@ def _optimize(loss: torch.Tensor, opt: torch.optim.Optimizer, net: torch.nn.Modu
 
 def fit(folder: str | Path, config: TrainConfig | None = None, out_dir: str | Path | None = None, *,
         resume: bool = False, device: str = "auto", cache_dir: str | Path | None = None,
-        progress: bool = True) -> Path:
+        progress: bool = True, checkpoint: str | Path | None = None) -> Path:
     """Train G, D and E on the images in `folder`; write checkpoints, grids and logs to `out_dir` (`augment-gan fit`).
 
     `config` defaults to `TrainConfig()` (5 wall-clock minutes at 32 px), `out_dir` to runs/<folder name>.
     Returns the path of the final checkpoint. With `resume=True`, continues the latest checkpoint in
     `out_dir` (step, kimg, adaptive p, optimizer, RNG and EMA state); only the fields in
-    `RESUME_OVERRIDABLE` may differ from the saved config.
+    `RESUME_OVERRIDABLE` may differ from the saved config. `checkpoint` (with `resume`) continues from that
+    checkpoint of the run instead of its newest, e.g. past a damaged one; the run's later checkpoints are
+    moved to checkpoints/superseded/.
+
+    A crash leaves a run that the same command plus `resume=True` continues from its last complete
+    checkpoint; a failed write (full disk) stops the run with a `WriteFailed` that says what is kept.
     """
     config = config if config is not None else TrainConfig()
     out_dir = Path(out_dir) if out_dir is not None else Path("runs") / (Path(folder).resolve().name or "run")
@@ -350,7 +470,8 @@ def fit(folder: str | Path, config: TrainConfig | None = None, out_dir: str | Pa
     try:
         lock = run_lock(out_dir) if is_main else contextlib.nullcontext()
         with lock, StopFlag() as stop:
-            return _fit_locked(folder, config, out_dir, resume, dev, cache_dir, progress, rank, world, stop)
+            return _fit_locked(folder, config, out_dir, resume, checkpoint, dev, cache_dir, progress, rank, world,
+                               stop)
     except BaseException:
         # A fit that fails before training starts (a bad folder, no images) leaves no run directory behind.
         if created and not (out_dir / "log.jsonl").exists():
@@ -358,10 +479,14 @@ def fit(folder: str | Path, config: TrainConfig | None = None, out_dir: str | Pa
         raise
 
 
-def _fit_locked(folder, config: TrainConfig, out_dir: Path, resume: bool, dev: torch.device, cache_dir,
-                progress: bool, rank: int, world: int, stop: StopFlag) -> Path:
+def _fit_locked(folder, config: TrainConfig, out_dir: Path, resume: bool, checkpoint: str | Path | None,
+                dev: torch.device, cache_dir, progress: bool, rank: int, world: int, stop: StopFlag) -> Path:
     is_main = rank == 0
-    saved = _saved_state(out_dir, config, resume)
+    removed = _remove_unfinished(out_dir) if is_main else []
+    if removed:
+        _log.warning(f"removed what an interrupted run left in {out_dir}: "
+                     f"{', '.join(p.relative_to(out_dir).as_posix() for p in removed)}")
+    saved = _saved_state(out_dir, config, resume, checkpoint)
 
     # Load training set.
     cache = Path(cache_dir) if cache_dir is not None else out_dir / "cache"
@@ -369,6 +494,7 @@ def _fit_locked(folder, config: TrainConfig, out_dir: Path, resume: bool, dev: t
     if saved is not None:
         _check_same_data(saved[3], train_set)
     n_images, labels = len(train_set.data), train_set.labels
+    images = _images_on(dev, train_set.data)
 
     # Construct networks, optimizers and the loop's random stream; restore them when resuming.
     nets, optims = _build(config, train_set, dev)
@@ -399,25 +525,30 @@ def _fit_locked(folder, config: TrainConfig, out_dir: Path, resume: bool, dev: t
     budget = _Budget(config, elapsed_before, is_main, world)
     if saved is not None and budget.done(nimg):
         raise UserError(budget.spent_message(nimg))
-
-    # Bookkeeping: run config, log, checkpoints.
-    if is_main:
-        (out_dir / "grids").mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(out_dir / "config.json", (json.dumps(
-            {"package_version": __version__, "config": config.to_dict(), "data": train_set.info.to_dict()},
-            indent=2, sort_keys=True) + "\n").encode())
-    logger = _Logger(config, out_dir, step, nimg, is_main, progress)
+    moved = supersede_after(out_dir, step) if is_main and checkpoint is not None else []
+    if moved:
+        _log.warning(f"the run continues from step {step}; its later checkpoint files moved to "
+                     f"{checkpoint_dir(out_dir) / SUPERSEDED}: {', '.join(p.name for p in moved)}")
+    room = _Room(run) if is_main else None   # from here on, the space of one checkpoint is the run's
     existing = list_checkpoints(out_dir)
     last_path: Path | None = existing[-1] if existing else None
-    last_ckpt_time = time.monotonic()
-    watch = _FiniteWatch()
-
-    # Train.
+    logger: _Logger | None = None
     try:
+        # Bookkeeping: run config, log, checkpoints.
+        if is_main:
+            (out_dir / "grids").mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(out_dir / "config.json", (json.dumps(
+                {"package_version": __version__, "config": config.to_dict(), "data": train_set.info.to_dict()},
+                indent=2, sort_keys=True) + "\n").encode())
+        logger = _Logger(config, out_dir, step, nimg, is_main, progress)
+        last_ckpt_time = time.monotonic()
+        watch = _FiniteWatch()
+
+        # Train.
         while not budget.done(nimg):
             p = config.fixed_p if config.fixed_p is not None else ada.p
             draws = draw_step(gen, layout, config, p, n_images, labels, paired=use_ms).to(dev)
-            x = train_set.data[draws.idx].to(dev, non_blocking=True)
+            x = images[draws.idx.to(images.device)].to(dev, non_blocking=True)
             x = to_float(x).contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else to_float(x)
             y = labels[draws.idx].to(dev) if labels is not None else None
 
@@ -459,22 +590,28 @@ def _fit_locked(folder, config: TrainConfig, out_dir: Path, resume: bool, dev: t
             if any_rank(due, world) if world > 1 else due:   # rank 0's clock decides for every rank
                 watch.check(step, last_path, world)
                 if is_main:
-                    last_path = _save(run, step, nimg, budget.elapsed())
+                    last_path = _checkpoint(run, step, nimg, budget.elapsed(), last_path, room)
                 last_ckpt_time = time.monotonic()
             if any_rank(stop.signal is not None, world):
                 watch.check(step, last_path, world)
                 if is_main:
-                    last_path = _save(run, step, nimg, budget.elapsed())
+                    last_path = _checkpoint(run, step, nimg, budget.elapsed(), last_path, room)
                 raise Interrupted(f"interrupted at kimg {nimg / 1000:.2f}; saved {last_path}; "
                                   "continue with the same command plus --resume")
         watch.check(step, last_path, world)
         if is_main:
-            last_path = _save(run, step, nimg, budget.elapsed())
+            last_path = _checkpoint(run, step, nimg, budget.elapsed(), last_path, room)
         if world > 1:
             dist.barrier()
             last_path = list_checkpoints(out_dir)[-1]   # every rank returns the checkpoint rank 0 wrote
+    except OSError as exc:   # a full disk, a folder gone read-only: say what the run keeps
+        raise WriteFailed(f"stopped at step {step}: {os_error_message(exc)}; "
+                          f"{_kept_work(last_path, step, budget.elapsed())}") from None
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
+        if room is not None:
+            room.release()
     return last_path
 
 

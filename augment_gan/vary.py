@@ -23,9 +23,11 @@ import numpy as np
 from augment_gan import __version__
 from augment_gan.device import pick_device
 from augment_gan.errors import UserError
+from augment_gan.guard import output_lock
 from augment_gan.imagefile import ImageWriter, default_workers, readable_image
 from augment_gan.manifest import MANIFEST, ManifestRow, read_manifest, write_manifest
 from augment_gan.outputs import check_class_name, check_out_folder, class_folder, clear_outputs, write_json
+from augment_gan.validation import check_types
 
 SETTINGS = "vary.json"
 
@@ -48,6 +50,9 @@ class VaryConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_types(self)
+        if self.seed < 0:
+            raise UserError(f"--seed must be >= 0, got {self.seed}")
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
             raise UserError(f"--n must be a positive integer, got {self.n!r}")
         if not 0.0 <= self.sigma <= 10.0:
@@ -163,72 +168,75 @@ def vary(checkpoint: Any, source: str | Path, out: str | Path, config: VaryConfi
                 "source": str(source.resolve()), "n": config.n, "sigma": config.sigma, "seed": config.seed,
                 "class_name": config.class_name, "classes": classes, "sources": len(files),
                 "latent": "z = mu + sigma * eps, eps ~ N(0, I) from (seed, source file, k)"}
-    old, replace = check_out_folder(out, SETTINGS, overwrite=config.overwrite, settings=settings, identity=_identity)
-    out.mkdir(parents=True, exist_ok=True)
-    if replace:  # only reached with --overwrite
-        _remove_old_outputs(out, set(outputs))
-    if old != settings:
-        write_json(out / SETTINGS, settings)
-    for cls in sorted({c for c in source_class if c is not None}):
-        class_folder(out, cls)
-    for p in [out, *(out / c for c in set(source_class) if c is not None)]:
-        for tmp in p.glob("*.tmp-*"):
-            tmp.unlink(missing_ok=True)  # left by a killed run (vary runs as one process)
+    # A second vary into this folder would remove this one's temporaries: it is refused.
+    with output_lock(out, "vary"):
+        old, replace = check_out_folder(out, SETTINGS, overwrite=config.overwrite, settings=settings,
+                                        identity=_identity)
+        if replace:  # only reached with --overwrite
+            _remove_old_outputs(out, set(outputs))
+        if old != settings:
+            write_json(out / SETTINGS, settings)
+        for cls in sorted({c for c in source_class if c is not None}):
+            class_folder(out, cls)
+        for p in [out, *(out / c for c in set(source_class) if c is not None)]:
+            for tmp in p.glob("*.tmp-*"):
+                tmp.unlink(missing_ok=True)  # left by a killed run (we hold the folder's lock)
 
-    rows: list[ManifestRow] = []
-    written = existing = 0
-    jobs = []  # (source position, k, name)
-    for s, (rel, cls) in enumerate(zip(files, source_class)):
-        for k in range(config.n):
-            name = f"{Path(rel).stem}_{k}.png" if cls is None else f"{cls}/{Path(rel).stem}_{k}.png"
-            jobs.append((s, k, name))
-    done = set()
-    if not config.overwrite:
-        done = {name for (_, _, name) in jobs if readable_image(out / name, ckpt.resolution)}
+        rows: list[ManifestRow] = []
+        written = existing = 0
+        jobs = []  # (source position, k, name)
+        for s, (rel, cls) in enumerate(zip(files, source_class)):
+            for k in range(config.n):
+                name = f"{Path(rel).stem}_{k}.png" if cls is None else f"{cls}/{Path(rel).stem}_{k}.png"
+                jobs.append((s, k, name))
+        done = set()
+        if not config.overwrite:
+            done = {name for (_, _, name) in jobs if readable_image(out / name, ckpt.resolution)}
 
-    def row(s: int, k: int, name: str, std: float) -> ManifestRow:
-        return ManifestRow(file=name, index=s * config.n + k, seed=config.seed, class_name=source_class[s],
-                           label=labels[s], checkpoint=ckpt.digest, source=files[s], k=k, sigma=config.sigma,
-                           posterior_std=std)
+        def row(s: int, k: int, name: str, std: float) -> ManifestRow:
+            return ManifestRow(file=name, index=s * config.n + k, seed=config.seed, class_name=source_class[s],
+                               label=labels[s], checkpoint=ckpt.digest, source=files[s], k=k, sigma=config.sigma,
+                               posterior_std=std)
 
-    workers = config.workers or default_workers(device.type)
-    bar = tqdm(total=len(jobs) - len(done), desc="vary", unit="img", file=sys.stderr,
-               disable=not config.progress or len(jobs) == len(done), dynamic_ncols=True)
+        workers = config.workers or default_workers(device.type)
+        bar = tqdm(total=len(jobs) - len(done), desc="vary", unit="img", file=sys.stderr,
+                   disable=not config.progress or len(jobs) == len(done), dynamic_ncols=True)
 
-    def on_done(batch_rows: list[ManifestRow]) -> None:
-        rows.extend(batch_rows)
-        bar.update(len(batch_rows))
+        def on_done(batch_rows: list[ManifestRow]) -> None:
+            rows.extend(batch_rows)
+            bar.update(len(batch_rows))
 
-    writer = ImageWriter(workers, "png", None, on_done)
-    ok = False
-    try:
-        # Encode every source once (E is cheap next to G), then decode the variations in batches.
-        images = hwc_to_nchw(arrays)  # uint8 N×C×H×W
-        mus, stds = [], []
-        for start in range(0, len(images), config.batch_size):
-            mu, logvar = sample.encode(ckpt, images[start:start + config.batch_size], device=device)
-            mus.append(mu)
-            stds.append(logvar.mul(0.5).exp().mean(1))
-        mu_all, std_all = torch.cat(mus), torch.cat(stds)
-        todo = [job for job in jobs if job[2] not in done]
-        for s, k, name in jobs:
-            if name in done:
-                rows.append(row(s, k, name, round(float(std_all[s]), 6)))
-                existing += 1
-        for start in range(0, len(todo), config.batch_size):
-            batch = todo[start:start + config.batch_size]
-            eps = torch.cat([sample.latents(sample.derive_seed(config.seed, "vary", files[s]), [k], ckpt.z_dim)
-                             for s, k, _ in batch])
-            z = mu_all[[s for s, _, _ in batch]] + config.sigma * eps
-            y = [labels[s] for s, _, _ in batch] if ckpt.num_classes else None
-            writer.submit(sample.decode(ckpt, z, y, device=device), [str(out / name) for _, _, name in batch],
-                          [row(s, k, name, round(float(std_all[s]), 6)) for s, k, name in batch])
-            written += len(batch)
-        writer.drain()
-        ok = True
-    finally:
-        writer.close(ok)
-        bar.close()
-    write_manifest(out / MANIFEST, rows)
-    return VarySummary(out=str(out), sources=len(files), per_source=config.n, written=written, existing=existing,
-                       images=len(rows), manifest=str(out / MANIFEST), seconds=round(time.perf_counter() - t_start, 3))
+        writer = ImageWriter(workers, "png", None, on_done)
+        ok = False
+        try:
+            # Encode every source once (E is cheap next to G), then decode the variations in batches.
+            images = hwc_to_nchw(arrays)  # uint8 N×C×H×W
+            mus, stds = [], []
+            for start in range(0, len(images), config.batch_size):
+                mu, logvar = sample.encode(ckpt, images[start:start + config.batch_size], device=device)
+                mus.append(mu)
+                stds.append(logvar.mul(0.5).exp().mean(1))
+            mu_all, std_all = torch.cat(mus), torch.cat(stds)
+            todo = [job for job in jobs if job[2] not in done]
+            for s, k, name in jobs:
+                if name in done:
+                    rows.append(row(s, k, name, round(float(std_all[s]), 6)))
+                    existing += 1
+            for start in range(0, len(todo), config.batch_size):
+                batch = todo[start:start + config.batch_size]
+                eps = torch.cat([sample.latents(sample.derive_seed(config.seed, "vary", files[s]), [k], ckpt.z_dim)
+                                 for s, k, _ in batch])
+                z = mu_all[[s for s, _, _ in batch]] + config.sigma * eps
+                y = [labels[s] for s, _, _ in batch] if ckpt.num_classes else None
+                writer.submit(sample.decode(ckpt, z, y, device=device), [str(out / name) for _, _, name in batch],
+                              [row(s, k, name, round(float(std_all[s]), 6)) for s, k, name in batch])
+                written += len(batch)
+            writer.drain()
+            ok = True
+        finally:
+            writer.close(ok)
+            bar.close()
+        write_manifest(out / MANIFEST, rows)
+        return VarySummary(out=str(out), sources=len(files), per_source=config.n, written=written,
+                           existing=existing, images=len(rows), manifest=str(out / MANIFEST),
+                           seconds=round(time.perf_counter() - t_start, 3))

@@ -74,6 +74,10 @@ VARIANTS: dict[str, dict] = {
     "encoder-every-step": {"encoder_interval": 1},
     "mode-seeking-off": {"mode_seeking_weight": 0.0},
     "diffaug-off": {"diffaug": ()},
+    # Which DiffAugment op helps or leaks at 3,800+ steps (FD along the run with --curve-minutes).
+    "translation-only": {"diffaug": ("translation",)},
+    "no-color": {"diffaug": ("translation", "cutout")},
+    "color-only": {"diffaug": ("color",)},
     "fixed-p": {"fixed_p": FIXED_P},
     "lr2e-4": {"g_lr": 2e-4, "d_lr": 2e-4},
     "batch-64": {"batch_size": 64},

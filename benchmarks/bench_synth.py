@@ -6,7 +6,7 @@ TrainConfig (random weights, saved and loaded through augment_gan.checkpoint: th
   * forward: G_ema(z, y) on pre-made batches of --batch-size under inference_mode, n images, nothing else,
              with 1 or 2 torch threads, or as 2 lanes (2 Python threads, 1 torch thread each, own batches);
   * synth:   augment_gan.synth.synth(...) writing n PNGs (latents, G, uint8, encoding pool, atomic writes,
-             manifest) with each lane/thread/encoder-pool variant.
+             manifest) with each lane/thread/encoder-pool variant, as files or (`--format tar`) tar shards.
 On a shared machine wall rates swing with what else runs, so each repeat measures everything back to back
 and the table gives the median of the paired ratios synth / fastest-forward-of-that-repeat. CPU ms/img is the
 process CPU time (all threads) per image, far steadier under load; the last column compares it with the
@@ -16,21 +16,30 @@ cheaper forward's (1 thread: no OpenMP synchronisation).
     python benchmarks/bench_synth.py --out-dir /dev/shm    # the same, files on tmpfs (no disk in the loop)
     python benchmarks/bench_synth.py --n 1000 --repeats 1  # quick look
     python benchmarks/bench_synth.py --codecs-only          # only the PNG compressor table (seconds)
+    python benchmarks/bench_synth.py --resolutions 32 --variants "synth, defaults" "synth --format tar, defaults" \
+        --tar-set 1000000                                  # files vs tar on the temp dir's disk, then 1M in tar
+
+`--tar-set N` finally writes N images at 32 px as tar shards with two processes (`synth --format tar --shard
+K/2 --lanes 1 --threads 1`, side by side), reads them all back through `SyntheticTarDataset` (a DataLoader
+with 2 workers) and prints both rates; 1,000,000 images take about 3.5 GB and 10-15 minutes on 2 cores.
 
 First it prints a table of PNG deflate compressors on real images (../shared/data: MNIST at 32px, emoji at
 64px): CPU microseconds per image and mean file size, for the compressor synth uses and the alternatives.
 Then a table of synth's own work besides G (latents, one atomic file write on --out-dir's file system, and a
-whole synth run with G replaced by a no-op), three rounds each, so the file system's variance shows.
+whole synth run with G replaced by a no-op, as files and as tar shards), three rounds each, so the file
+system's variance shows.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import json
 import math
 import os
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,12 +62,13 @@ from augment_gan.synth import SynthConfig, synth
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data beside the repo
 CODEC_DATA = (("mnist", 32), ("emoji-twitter", 64))
 
-VARIANTS = {  # name -> (encoder pool, encoders, torch threads per lane, lanes; None = synth's defaults)
-    "synth, defaults": (None, None, None, None),
-    "synth, 1 lane x 2 threads, 1 encoder thread": ("thread", 1, 2, 1),
-    "synth, 1 lane x 1 thread, 1 encoder thread": ("thread", 1, 1, 1),
-    "synth, 2 lanes x 1 thread, 2 encoder threads": ("thread", 2, 1, 2),
-    "synth, 1 lane x 2 threads, 1 encoder process": ("process", 1, 2, 1),
+VARIANTS = {  # name -> (encoder pool, encoders, torch threads per lane, lanes, format; None = synth's defaults)
+    "synth, defaults": (None, None, None, None, "png"),
+    "synth, 1 lane x 2 threads, 1 encoder thread": ("thread", 1, 2, 1, "png"),
+    "synth, 1 lane x 1 thread, 1 encoder thread": ("thread", 1, 1, 1, "png"),
+    "synth, 2 lanes x 1 thread, 2 encoder threads": ("thread", 2, 1, 2, "png"),
+    "synth, 1 lane x 2 threads, 1 encoder process": ("process", 1, 2, 1, "png"),
+    "synth --format tar, defaults": (None, None, None, None, "tar"),
 }
 FORWARDS = {  # name -> (torch threads per lane, lanes)
     "G forward, 1 lane x 1 thread": (1, 1),
@@ -145,12 +155,15 @@ def own_work_table(out_dir: Path, resolutions: list[int], n: int, batch: int, wo
                 return fixed[: z.shape[0]].clone()
 
         ckpt.G_ema = NoOp()
-        cells = []
-        for r in range(3):
-            cpu = cpu_seconds()
-            synth(ckpt, folder / f"noop-{res}-{r}", SynthConfig(n=n, batch_size=batch, progress=False))
-            cells.append(f"{(cpu_seconds() - cpu) / n * 1e6:.1f}")
-        print(f"| whole `synth` with G replaced by a no-op, {res}px {ckpt.channels}ch, defaults | " + " | ".join(cells) + " |")
+        for fmt in ("png", "tar"):
+            cells = []
+            for r in range(3):
+                cpu = cpu_seconds()
+                synth(ckpt, folder / f"noop-{res}-{fmt}-{r}", SynthConfig(n=n, batch_size=batch, format=fmt, progress=False))
+                cells.append(f"{(cpu_seconds() - cpu) / n * 1e6:.1f}")
+            what = "defaults" if fmt == "png" else "--format tar"
+            print(f"| whole `synth` with G replaced by a no-op, {res}px {ckpt.channels}ch, {what} | "
+                  + " | ".join(cells) + " |")
     print()
 
 
@@ -200,13 +213,70 @@ def forward_rate(ckpt, n: int, batch: int, threads: int, lanes: int) -> tuple[fl
 
 
 def synth_rate(ckpt, n: int, batch: int, out: Path, pool: str | None, workers: int | None,
-               threads: int | None, lanes: int | None) -> tuple[float, float]:
+               threads: int | None, lanes: int | None, fmt: str = "png") -> tuple[float, float]:
     start, cpu = time.perf_counter(), cpu_seconds()
     summary = synth(ckpt, out, SynthConfig(n=n, batch_size=batch, workers=workers, threads=threads, lanes=lanes,
-                                           pool=pool or "thread", progress=False))
+                                           pool=pool or "thread", format=fmt, progress=False))
     wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     assert summary.written == n and summary.manifest, summary
     return n / wall, cpu / n * 1e3
+
+
+def _to_tensor(image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image).copy())
+
+
+def tar_set_table(n: int, out_dir: Path | None, forward: tuple[float, float] | None) -> None:
+    """Write n images at 32 px as tar shards with two `synth --shard K/2` processes side by side, then read
+    every one back through SyntheticTarDataset; print both rates. `forward`: the fastest G forward measured
+    at 32 px in this run (images/s) and the least forward CPU (ms per image), for the ratios."""
+    from torch.utils.data import DataLoader
+
+    from augment_gan.datasets import SyntheticTarDataset
+
+    work = Path(tempfile.mkdtemp(prefix="bench-synth-tarset-", dir=out_dir))
+    try:
+        run = random_run(work / "run", 32, 1, 10)
+        out = work / "set"
+        cmds = [[sys.executable, "-m", "augment_gan", "synth", str(run), "--n", str(n), "--out", str(out),
+                 "--format", "tar", "--shard", f"{k}/2", "--lanes", "1", "--threads", "1", "--device", "cpu",
+                 "--quiet", "--json"] for k in range(2)]
+        start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+        results = [p.communicate() for p in procs]
+        write_s = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        write_cpu_ms = (after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime) / n * 1e3
+        for p, (stdout, stderr) in zip(procs, results):
+            if p.returncode != 0:
+                raise RuntimeError(f"synth failed ({p.returncode}): {stderr[-2000:]}")
+        summaries = [json.loads(stdout) for stdout, _ in results]
+        assert sum(x["written"] for x in summaries) == n and any(x["manifest"] for x in summaries), summaries
+        shards = sorted(out.glob("shard-*.tar"))
+        size = sum(p.stat().st_size for p in shards)
+
+        start = time.perf_counter()
+        dataset = SyntheticTarDataset(out, transform=_to_tensor, mode=None)
+        index_s = time.perf_counter() - start
+        start = time.perf_counter()
+        count = 0
+        for x, y in DataLoader(dataset, batch_size=256, num_workers=2):
+            count += len(x)
+        read_s = time.perf_counter() - start
+        assert count == n
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ratio = (f"{n / write_s / forward[0]:.0%} of the fastest 32px G forward above in images/s, "
+             f"{forward[1] / write_cpu_ms:.0%} in CPU per image") if forward else "no forward measured"
+    print(f"\n{n:,} images at 32px, 1ch, 10 classes, in {len(shards)} tar shards ({size / 1e9:.2f} GB) on "
+          f"{out_dir or tempfile.gettempdir()}\n")
+    print("| what | seconds | images/s |")
+    print("|---|---:|---:|")
+    print(f"| write: 2 processes `synth --format tar --shard K/2 --lanes 1 --threads 1` side by side, "
+          f"{write_cpu_ms:.2f} CPU ms/img ({ratio}) | {write_s:.1f} | {n / write_s:,.0f} |")
+    print(f"| index: `SyntheticTarDataset(out)` (scan every shard's headers) | {index_s:.1f} | {n / index_s:,.0f} |")
+    print(f"| read: every item, in order, DataLoader 2 workers, batch 256 (PNG decode + tensor) | {read_s:.1f} "
+          f"| {n / read_s:,.0f} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -220,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="folder whose file system receives the images (default: the temp dir; try /dev/shm)")
     parser.add_argument("--codecs-only", action="store_true", help="print the PNG compressor table and stop")
+    parser.add_argument("--tar-set", type=int, default=0, metavar="N",
+                        help="then write N images at 32px as tar shards with 2 processes and read them back")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-synth-cache-") as cache:
@@ -231,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     # before a measurement would make it pay for the file system's clean-up (discard) too.
     out_dir = Path(tempfile.mkdtemp(prefix="bench-synth-out-", dir=args.out_dir))
     rows = []
+    forward32 = None
     load_start = os.getloadavg()
     try:
         own_work_table(out_dir, args.resolutions, args.n, args.batch_size, work)
@@ -254,6 +327,8 @@ def main(argv: list[str] | None = None) -> None:
             # Reference: in each repeat, the fastest G forward (what a user gets without writing anything).
             best = [max(results[f][rep][0] for f in FORWARDS) for rep in range(args.repeats)]
             fwd_cpu = min(statistics.median(c for _, c in results[f]) for f in FORWARDS)
+            if res == 32:
+                forward32 = statistics.median(best), fwd_cpu
             for name, runs in results.items():
                 ratios = sorted(r / b for (r, _), b in zip(runs, best))
                 rates = [r for r, _ in runs]
@@ -276,6 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     for res, name, rate, lo, hi, ratio, rlo, rhi, cpu, fwd_cpu in rows:
         print(f"| {res} | {name} | {rate:.0f} ({lo:.0f}-{hi:.0f}) | {ratio:.0%} ({rlo:.0%}-{rhi:.0%}) "
               f"| {cpu:.2f} | {fwd_cpu / cpu:.0%} |")
+    if args.tar_set:
+        tar_set_table(args.tar_set, args.out_dir, forward32)
+
 
 if __name__ == "__main__":
     main()

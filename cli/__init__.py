@@ -1,33 +1,23 @@
 """The `augment-gan` command-line application: a thin click shell over the library.
 
 Every command parses options, builds a config and calls one library function. Progress goes to
-stderr, results to stdout. A `UserError` from the library, and any operating-system error (a read-only
+stderr, results to stdout; `--quiet` and `--verbose` (`augment_gan.cli.verbosity`) set how much of the
+library's log and progress is shown. A `UserError` from the library, and any operating-system error (a read-only
 or full disk, a missing path), becomes a one-line `Error: ...` message with a non-zero exit status; the
 traceback is shown only with `--debug`.
 """
 from __future__ import annotations
 
-import errno
 import importlib
-import os
 
 import click
 
 from augment_gan import __version__
-from augment_gan.errors import UserError
+from augment_gan.errors import UserError, os_error_message
 
 # Command modules, imported when the group is built. Heavy imports (torch) live inside the command
 # functions so that `augment-gan --help` stays fast.
 _COMMAND_MODULES = ("inspect", "fit", "synth", "vary", "recipes", "merge", "evaluate", "report")
-
-
-def os_error_message(exc: OSError) -> str:
-    """One line naming the path(s) and the cause of an operating-system error."""
-    cause = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__)
-    if exc.errno == errno.ENOSPC:
-        cause += " (the disk is full)"
-    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
-    return f"{' -> '.join(paths)}: {cause}" if paths else cause
 
 
 class _Group(click.Group):

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from augment_gan.cli.verbosity import verbosity_options
 from augment_gan.config import TrainConfig
 from augment_gan.data import FITS, MODEL_RESOLUTIONS
 from augment_gan.device import DEVICE_CHOICES
@@ -16,6 +17,15 @@ _DEFAULTS = TrainConfig()  # the options' defaults are the config's, so the two 
 # Options that map 1:1 onto TrainConfig fields.
 _CONFIG_OPTIONS = {"resolution": "resolution", "minutes": "minutes", "kimg": "kimg", "batch_size": "batch_size",
                    "seed": "seed", "fit_mode": "fit", "checkpoint_minutes": "checkpoint_minutes"}
+
+
+def _print_config(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from augment_gan.config import config_yaml
+
+    click.echo(config_yaml(), nl=False)
+    ctx.exit()
 
 
 @click.command("fit")
@@ -33,19 +43,24 @@ _CONFIG_OPTIONS = {"resolution": "resolution", "minutes": "minutes", "kimg": "ki
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True,
               help="Seeds the networks' initialisation and every random draw of training (same seed, same run).")
 @click.option("--resume", is_flag=True, help="Continue the latest checkpoint in --out exactly where it stopped.")
+@click.option("--checkpoint", "checkpoint", type=click.Path(path_type=Path), default=None,
+              help="With --resume: continue from this checkpoint of the run instead of its newest (e.g. when the "
+                   "newest is damaged); later checkpoints move to checkpoints/superseded/.")
 @click.option("--unconditional", is_flag=True, help="Ignore class subfolders.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
-              help="YAML file of TrainConfig fields (command-line options win).")
+              help="YAML file of TrainConfig fields (command-line options win); start from --print-config.")
+@click.option("--print-config", is_flag=True, is_eager=True, expose_value=False, callback=_print_config,
+              help="Print every TrainConfig field with its default and doc as YAML (a --config file), and exit.")
 @click.option("--fit", "fit_mode", type=click.Choice(list(FITS)), default=_DEFAULTS.fit,
               show_default=True, help="How non-square images become square.")
 @click.option("--checkpoint-minutes", type=float, default=_DEFAULTS.checkpoint_minutes, show_default=True,
               help="Save a checkpoint and a sample grid this often (and always at the end).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Where decoded images are cached (default: RUN/cache).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@verbosity_options
 @click.pass_context
-def command(ctx: click.Context, folder: Path, out: Path | None, device: str, resume: bool, unconditional: bool,
-            config_file: Path | None, cache_dir: Path | None, quiet: bool, **options) -> None:
+def command(ctx: click.Context, folder: Path, out: Path | None, device: str, resume: bool, checkpoint: Path | None,
+            unconditional: bool, config_file: Path | None, cache_dir: Path | None, quiet: bool, **options) -> None:
     """Train a generator and discriminator on the images in FOLDER.
 
     Class subfolders (the torchvision ImageFolder layout) make the model class-conditional. Writes
@@ -56,9 +71,10 @@ def command(ctx: click.Context, folder: Path, out: Path | None, device: str, res
       augment-gan fit examples/digits --out runs/digits --minutes 2
       augment-gan fit ./photos --resolution 64 --kimg 200 --device cuda
       augment-gan fit examples/digits --out runs/digits --resume --minutes 10
+      augment-gan fit --print-config > my.yaml   # edit, then: fit FOLDER --config my.yaml
       torchrun --nproc_per_node 2 -m augment_gan fit examples/digits --out runs/ddp
     """
-    from augment_gan.checkpoint import list_checkpoints, read_meta
+    from augment_gan.checkpoint import read_meta, resume_point
     from augment_gan.config import TrainConfig, load_config_file
     from augment_gan.errors import UserError
     from augment_gan.train import fit
@@ -68,11 +84,10 @@ def command(ctx: click.Context, folder: Path, out: Path | None, device: str, res
              if ctx.get_parameter_source(name) != ParameterSource.DEFAULT}
     if "kimg" in given:
         given["minutes"] = None
+    if checkpoint is not None and not resume:
+        raise UserError("--checkpoint picks the checkpoint --resume continues; pass --resume too")
     if resume:
-        found = list_checkpoints(out)
-        if not found:
-            raise UserError(f"--resume: {out} has no checkpoint to resume from")
-        base = read_meta(found[-1]).config.to_dict()
+        base = read_meta(resume_point(out, checkpoint)).config.to_dict()
         if config_file is not None:
             raise UserError("--resume takes the run's saved config; --config cannot change it")
     else:
@@ -88,7 +103,8 @@ def command(ctx: click.Context, folder: Path, out: Path | None, device: str, res
             base["conditional"] = False
     base.update({_CONFIG_OPTIONS[k]: v for k, v in given.items()})
     config = TrainConfig.from_dict(base)
-    path = fit(folder, config, out, resume=resume, device=device, cache_dir=cache_dir, progress=not quiet)
+    path = fit(folder, config, out, resume=resume, device=device, cache_dir=cache_dir, progress=not quiet,
+               checkpoint=checkpoint)
     if int(os.environ.get("RANK", "0")) != 0:   # under torchrun, rank 0 prints the summary
         return
     meta = read_meta(path)

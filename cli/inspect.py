@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from augment_gan.cli.verbosity import verbosity_options
 from augment_gan.data import CHANNELS, FITS, RESOLUTIONS, ReadOptions, inspect_folder
 
 
@@ -28,7 +29,8 @@ def parse_background(ctx, param, value: str) -> tuple[int, int, int]:
 def read_option_flags(function):
     """The `ReadOptions` flags, shared by every command that reads an image folder."""
     flags = [
-        click.option("--resolution", type=click.Choice([str(r) for r in RESOLUTIONS]), default="64",
+        click.option("--resolution", type=click.Choice([str(r) for r in RESOLUTIONS]),
+                     default=str(ReadOptions.resolution),
                      show_default=True, help="Side length the images are decoded to."),
         click.option("--fit", type=click.Choice(FITS), default="center-crop", show_default=True,
                      help="How non-square images become square."),
@@ -97,8 +99,9 @@ def _report(summary: dict) -> str:
 @click.option("--no-cache", is_flag=True, help="Decode without reading or writing the cache.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Decoding processes [default: CPU count, at most 8].")
+@verbosity_options
 def command(folder: Path, resolution, fit, background, channels, max_pixels, as_json: bool,
-            cache_dir: Path | None, no_cache: bool, workers: int | None) -> None:
+            cache_dir: Path | None, no_cache: bool, workers: int | None, quiet: bool) -> None:
     """Report what the reader makes of FOLDER: image count, classes, channels, sizes, skipped files.
 
     Every file is decoded (that is the only proof it is readable); the result is cached, so a later
@@ -111,7 +114,7 @@ def command(folder: Path, resolution, fit, background, channels, max_pixels, as_
     """
     options = read_options_from(resolution, fit, background, channels, max_pixels)
     summary = inspect_folder(folder, options, cache_dir=cache_dir, use_cache=not no_cache,
-                             workers=workers, progress=True)
+                             workers=workers, progress=not quiet)
     if as_json:
         click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
     else:

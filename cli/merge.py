@@ -6,7 +6,8 @@ import json
 import click
 
 from augment_gan.cli.inspect import parse_background
-from augment_gan.data import CHANNELS, FITS, RESOLUTIONS
+from augment_gan.cli.verbosity import verbosity_options
+from augment_gan.data import CHANNELS, FITS, RESOLUTIONS, ReadOptions
 
 
 @click.command("merge")
@@ -23,7 +24,7 @@ from augment_gan.data import CHANNELS, FITS, RESOLUTIONS
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the augmentations and the synthetic draw.")
 @click.option("--overwrite", is_flag=True, help="Replace a previous merge output in --out.")
 @click.option("--resolution", type=click.Choice([str(r) for r in RESOLUTIONS]), default=None,
-              help="Output side length [default: the synthetic images' size, else 64].")
+              help=f"Output side length [default: the synthetic images' size, else {ReadOptions.resolution}].")
 @click.option("--fit", type=click.Choice(FITS), default="center-crop", show_default=True,
               help="How non-square real images become square.")
 @click.option("--background", default="white", show_default=True, callback=parse_background,
@@ -31,7 +32,7 @@ from augment_gan.data import CHANNELS, FITS, RESOLUTIONS
 @click.option("--channels", type=click.Choice(CHANNELS), default="auto", show_default=True,
               help="auto = grayscale when every real image is grayscale, else RGB.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (merge.json) as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@verbosity_options
 def command(real, synthetic, recipe, out, copies, seed, overwrite, resolution, fit, background, channels,
             as_json, quiet) -> None:
     """Write a merged, augmented ImageFolder for training tools outside Python.

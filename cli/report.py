@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from augment_gan.cli.verbosity import verbosity_options
+
 
 @click.command("report")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
@@ -15,7 +17,8 @@ import click
 @click.option("--downstream", is_flag=True, help="With --real/--synthetic: also run the downstream classifier test.")
 @click.option("--out", type=click.Path(dir_okay=False), help="HTML file to write [default: RUN_DIR/report.html].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report.")
-def command(run_dir, real, synthetic, metrics_file, downstream, out, overwrite):
+@verbosity_options
+def command(run_dir, real, synthetic, metrics_file, downstream, out, overwrite, quiet):
     """Write an HTML report of a training run: sample grids (one row per class when conditional), loss
     and adaptive-augmentation curves, and, given --real and --synthetic (or --metrics), the synthetic
     set's metrics with its nearest real neighbours. Images are embedded: the file stands alone.
@@ -34,5 +37,6 @@ def command(run_dir, real, synthetic, metrics_file, downstream, out, overwrite):
     from augment_gan.report import write_report
 
     path = write_report(run_dir, out, real=real, synthetic=synthetic, metrics_file=metrics_file,
-                        eval_config=EvaluateConfig(downstream=downstream), overwrite=overwrite)
+                        eval_config=EvaluateConfig(downstream=downstream), overwrite=overwrite,
+                        progress=not quiet)
     click.echo(str(path))

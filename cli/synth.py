@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from augment_gan.imagefile import FORMATS
+from augment_gan.cli.verbosity import verbosity_options
+from augment_gan.imagefile import SYNTH_FORMATS
+from augment_gan.tarshards import DEFAULT_IMAGES_PER_TAR
 
 
 @click.command("synth")
@@ -18,7 +20,10 @@ from augment_gan.imagefile import FORMATS
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i depends only on (run, seed, i).")
 @click.option("--truncation", type=float, default=1.0, show_default=True,
               help="ψ: scale latents toward the mean (<1: more typical, less diverse).")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="png", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(SYNTH_FORMATS), default="png", show_default=True,
+              help="Image format, one file per image; or tar: PNGs in webdataset tar shards (large sets).")
+@click.option("--images-per-tar", type=int, default=None,
+              help=f"--format tar: images per shard, a multiple of 256 (default {DEFAULT_IMAGES_PER_TAR:,}).")
 @click.option("--quality", type=int, default=None, help="JPEG/WebP quality 1-100 (default 95/90).")
 @click.option("--keep-top", type=float, default=None,
               help="Discriminator rejection: generate n/F candidates, keep the best fraction F per class.")
@@ -36,15 +41,18 @@ from augment_gan.imagefile import FORMATS
 @click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--overwrite", is_flag=True, help="Replace a set made with other settings.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@verbosity_options
 def command(run: Path, n: int | None, out: Path, per_class: int | None, classes: str | None, seed: int,
             truncation: float, fmt: str, quality: int | None, keep_top: float | None, dedup: bool,
-            dedup_real: Path | None, shard: str | None, batch_size: int | None, workers: int | None,
-            threads: int | None, lanes: int | None, device: str, overwrite: bool, as_json: bool, quiet: bool) -> None:
+            dedup_real: Path | None, images_per_tar: int | None, shard: str | None, batch_size: int | None,
+            workers: int | None, threads: int | None, lanes: int | None, device: str, overwrite: bool, as_json: bool,
+            quiet: bool) -> None:
     """Write N synthetic images from RUN (a run directory = its latest checkpoint, or a checkpoint file).
 
     Conditional runs write OUT/<class>/<index>.png (balanced unless --per-class/--classes), unconditional
-    runs OUT/<index>.png, plus a manifest (one JSON line per image) and OUT/synth.json. Image i is a pure
+    runs OUT/<index>.png, plus a manifest (one JSON line per image) and OUT/synth.json; --format tar writes
+    OUT/shard-<t>.tar instead (<index>.png, its manifest row <index>.json, label <index>.cls per image; read
+    them with augment_gan.datasets.SyntheticTarDataset or webdataset). Image i is a pure
     function of (checkpoint, seed, i), so rerunning writes the same bytes, an interrupted run resumes, and
     shards add up to the single-process set.
 
@@ -53,6 +61,7 @@ def command(run: Path, n: int | None, out: Path, per_class: int | None, classes:
       augment-gan synth runs/digits --n 10000 --out synthetic/digits
       augment-gan synth runs/digits --per-class 500 --classes 3,8 --out synthetic/38 --keep-top 0.5
       augment-gan synth runs/digits --n 10000 --out synthetic/digits --shard 0/4   # ... up to 3/4
+      augment-gan synth runs/digits --n 1000000 --out synthetic/big --format tar
       torchrun --nproc_per_node 4 -m augment_gan synth runs/digits --n 100000 --out synthetic/big
     """
     from augment_gan.manifest import MANIFEST
@@ -63,6 +72,7 @@ def command(run: Path, n: int | None, out: Path, per_class: int | None, classes:
         n=n, per_class=per_class, seed=seed, truncation=truncation, format=fmt, quality=quality,
         classes=tuple(c.strip() for c in classes.split(",") if c.strip()) if classes is not None else None,
         keep_top=keep_top, dedup=dedup, dedup_real=str(dedup_real) if dedup_real else None,
+        images_per_tar=images_per_tar,
         batch_size=batch_size, shard=parse_shard(shard) if shard is not None else None, overwrite=overwrite,
         device=device, workers=workers, threads=threads, lanes=lanes,
         progress=not quiet)

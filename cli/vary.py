@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from augment_gan.cli.verbosity import verbosity_options
+
 
 @click.command("vary")
 @click.argument("run", type=click.Path(path_type=Path))
@@ -14,15 +16,17 @@ import click
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--sigma", type=float, default=0.5, show_default=True,
               help="Latent noise, in units of the prior's std (0 = reconstruction).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds the latent noise: variation k of an image depends only on (run, seed, image, k).")
 @click.option("--class", "class_name", type=str, default=None,
               help="Class of an unlabeled source (needed by conditional runs).")
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True,
+              help="Images encoded and decoded at once (never changes the images).")
 @click.option("--workers", type=int, default=None, help="Encoder threads (default: 1 per 8 cores on CPU, all cores but one with a GPU).")
 @click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option("--overwrite", is_flag=True, help="Replace variations made with other settings.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@verbosity_options
 def command(run: Path, source: Path, n: int, out: Path, sigma: float, seed: int, class_name: str | None,
             batch_size: int, workers: int | None, device: str, overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Write N variations of each image in SOURCE (an image file or a folder) using RUN's encoder.

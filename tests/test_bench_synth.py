@@ -12,15 +12,20 @@ from benchscripts import load_benchmark
 
 def test_bench_synth_prints_every_table(tmp_path, capsys, shared_data):
     bench = load_benchmark("bench_synth")
+    variants = ["synth, defaults", "synth, 1 lane x 2 threads, 1 encoder thread", "synth --format tar, defaults"]
     bench.main(["--n", "64", "--batch-size", "32", "--repeats", "1", "--resolutions", "32",
-                "--out-dir", str(tmp_path), "--variants", "synth, defaults", "synth, 1 lane x 2 threads, 1 encoder thread"])
+                "--out-dir", str(tmp_path), "--variants", *variants, "--tar-set", "600"])
     out = capsys.readouterr().out
     assert "| mnist 32px | whole png_files (synth's writer) |" in out
     assert re.search(r"\| sample\.latents, z_dim 128, batches of 32 \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", out)
     assert "| whole `synth` with G replaced by a no-op, 32px 1ch, defaults |" in out
-    for name in [*bench.FORWARDS, "synth, defaults", "synth, 1 lane x 2 threads, 1 encoder thread"]:
+    assert "| whole `synth` with G replaced by a no-op, 32px 1ch, --format tar |" in out
+    for name in [*bench.FORWARDS, *variants]:
         assert re.search(rf"\| 32px, 1ch \| {re.escape(name)} \| \d+ \(\d+-\d+\) \| \d+% ", out), name
     assert "G forward, 2 lanes x 1 thread | " in out
+    assert "600 images at 32px, 1ch, 10 classes, in 1 tar shards" in out
+    for what in ("write: 2 processes", "index: ", "read: every item"):
+        assert re.search(rf"\| {what}.* \| [\d.]+ \| [\d,]+ \|", out), what
     assert list(tmp_path.iterdir()) == []  # everything it wrote was cleaned up
 
 

@@ -40,9 +40,10 @@ def config(**options) -> SynthConfig:
 
 
 def snapshot(root: Path, skip_shard_manifests: bool = True) -> dict[str, bytes]:
-    """Every file under root by relative path (shard manifests are per-run bookkeeping)."""
+    """Every file under root by relative path (shard manifests and hidden lock files are per-run bookkeeping)."""
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not (skip_shard_manifests and p.name.startswith("manifest.shard-"))}
+            if p.is_file() and not p.name.startswith(".")
+            and not (skip_shard_manifests and p.name.startswith("manifest.shard-"))}
 
 
 def manifest(root: Path) -> list[dict]:
