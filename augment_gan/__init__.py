@@ -45,7 +45,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "list_recipes": ("augment_gan.recipes", "list_recipes"),
     "Recipe": ("augment_gan.recipes", "Recipe"),
     "SyntheticImageFolder": ("augment_gan.datasets", "SyntheticImageFolder"),
-    "SyntheticTarDataset": ("augment_gan.datasets", "SyntheticTarDataset"),
+    "SyntheticTarDataset": ("augment_gan.tardataset", "SyntheticTarDataset"),
     "GeneratorDataset": ("augment_gan.datasets", "GeneratorDataset"),
     "MixedDataset": ("augment_gan.mixing", "MixedDataset"),
     "MixedSampler": ("augment_gan.mixing", "MixedSampler"),
@@ -58,25 +58,25 @@ __all__ = ["__version__", *_LAZY]
 if TYPE_CHECKING:  # type checkers see the real objects; at run time they load lazily
     from augment_gan.checkpoint import load_checkpoint as load_checkpoint
     from augment_gan.config import TrainConfig as TrainConfig
-    from augment_gan.data import inspect_folder as inspect
+    from augment_gan.data import inspect_folder as inspect  # noqa: F401 (public name, in __all__)
     from augment_gan.data import load_folder as load_folder
     from augment_gan.datasets import GeneratorDataset as GeneratorDataset
     from augment_gan.datasets import SyntheticImageFolder as SyntheticImageFolder
-    from augment_gan.datasets import SyntheticTarDataset as SyntheticTarDataset
     from augment_gan.decode import ReadOptions as ReadOptions
     from augment_gan.errors import UserError as UserError
     from augment_gan.evaluate import EvaluateConfig as EvaluateConfig
     from augment_gan.evaluate import evaluate as evaluate
-    from augment_gan.merge import merge_folders as merge
+    from augment_gan.merge import merge_folders as merge  # noqa: F401
     from augment_gan.mixing import DistributedMixedSampler as DistributedMixedSampler
     from augment_gan.mixing import MixedDataset as MixedDataset
     from augment_gan.mixing import MixedSampler as MixedSampler
     from augment_gan.recipes import Recipe as Recipe
     from augment_gan.recipes import list_recipes as list_recipes
     from augment_gan.recipes import load_recipe as load_recipe
-    from augment_gan.report import write_report as report
+    from augment_gan.report import write_report as report  # noqa: F401
     from augment_gan.synth import SynthConfig as SynthConfig
     from augment_gan.synth import synth as synth
+    from augment_gan.tardataset import SyntheticTarDataset as SyntheticTarDataset
     from augment_gan.train import fit as fit
     from augment_gan.vary import VaryConfig as VaryConfig
     from augment_gan.vary import vary as vary

@@ -4,7 +4,8 @@ Every dataset here returns `(PIL image, int label)` like `torchvision.datasets.I
 user's `transform=` (a torchvision transform or an augment-gan `Recipe`) works unchanged. None of them
 augments anything itself. Mixing them with real data (`MixedDataset`, `MixedSampler`,
 `DistributedMixedSampler`) lives in `augment_gan.mixing`; those names import from here too. A set written
-with `synth --format tar` is read with `SyntheticTarDataset`, any other with `SyntheticImageFolder`.
+with `synth --format tar` is read with `SyntheticTarDataset` (`augment_gan.tardataset`, also importable from
+here), any other with `SyntheticImageFolder`.
 
 Sizes. A synthetic image has the generator's resolution (32 px and up), which need not be the real
 images' (28 px MNIST). `size=` resizes every image before `transform`; `MixedDataset` sets it to the
@@ -18,12 +19,11 @@ cannot be aligned to classes.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -33,22 +33,31 @@ from torchvision.datasets import VisionDataset
 from torchvision.datasets.vision import StandardTransform
 
 from augment_gan.errors import UserError
-from augment_gan.manifest import MANIFEST, ManifestRow, read_manifest
-from augment_gan.tarshards import SHARD_NAME, TAR_FORMAT, TAR_IMAGE_FORMAT, read_shard
+from augment_gan.manifest import MANIFEST, read_manifest
+from augment_gan.synthconfig import SETTINGS
+from augment_gan.tarshards import TAR_FORMAT
+
+if TYPE_CHECKING:
+    from augment_gan.tardataset import SyntheticTarDataset as SyntheticTarDataset
 
 UNLABELED = -1
 """Label of images from an unconditional generator."""
 
-_MIXING = ("MixedDataset", "MixedSampler", "DistributedMixedSampler")
+_ELSEWHERE = {
+    "MixedDataset": "augment_gan.mixing",
+    "MixedSampler": "augment_gan.mixing",
+    "DistributedMixedSampler": "augment_gan.mixing",
+    "SyntheticTarDataset": "augment_gan.tardataset",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # `from augment_gan.datasets import MixedDataset` keeps working; imported lazily because
-    # augment_gan.mixing itself imports this module.
-    if name in _MIXING:
-        from augment_gan import mixing
+    # `from augment_gan.datasets import MixedDataset` (or SyntheticTarDataset) keeps working; imported
+    # lazily because those modules themselves import this one.
+    if name in _ELSEWHERE:
+        import importlib
 
-        return getattr(mixing, name)
+        return getattr(importlib.import_module(_ELSEWHERE[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -98,7 +107,7 @@ def _align_classes(own: list[str], class_to_idx: dict[str, int] | None, present:
 
 def _synth_settings(root: Path) -> dict[str, Any]:
     """The synth.json of a synthetic folder."""
-    path = root / "synth.json"
+    path = root / SETTINGS
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -144,7 +153,7 @@ def _synthetic_records(root: Path) -> tuple[list[dict[str, Any]], list[str], boo
     if not manifest.is_file():
         raise UserError(f"{root} has no {MANIFEST}, so it was not written by `augment-gan synth` "
                         "(for a plain folder of images use torchvision's ImageFolder)")
-    info = _synth_settings(root) if (root / "synth.json").is_file() else {}
+    info = _synth_settings(root) if (root / SETTINGS).is_file() else {}
     if info.get("format") == TAR_FORMAT:
         raise UserError(f"{root} holds tar shards (`synth --format tar`); read it with SyntheticTarDataset")
     records = [{**row.to_dict(), "_line": row.line} for row in read_manifest(manifest)]
@@ -231,124 +240,6 @@ class SyntheticImageFolder(VisionDataset):
 
     def __repr__(self) -> str:
         return f"SyntheticImageFolder({str(self.root)!r}, {len(self)} images, {len(self.classes)} classes)"
-
-
-class SyntheticTarDataset(Dataset):
-    """Images written by `augment-gan synth --format tar`, read from the set's tar shards (`augment_gan.tarshards`).
-
-    Item i is the image with the i-th smallest final index: the order `SyntheticImageFolder` gives the same
-    set written as files, in every process and every run. Being map-style and deterministic, it works with
-    any sampler: under DDP each rank builds the same index and reads only what its `DistributedSampler` (or
-    `DistributedMixedSampler`) gives it. Shards are opened lazily by each process, so DataLoader workers and
-    ranks have their own file handles and none is pickled.
-
-    Labels come from the `<index>.cls` members (the checkpoint's class index), aligned to `class_to_idx` by
-    class name as in `SyntheticImageFolder`; unconditional sets have label -1. `row(i)` is item i's manifest
-    row (its `<index>.json` member). `mode` is the PIL mode of the returned images ("RGB" like ImageFolder,
-    "L", or None for the files' own); `size` (an int or (height, width)) resizes every image before
-    `transform`. Attributes: `root`, `classes`, `class_to_idx`, `targets`, `shards` (file names), `indices`
-    (the final index of each item).
-    """
-
-    def __init__(self, path: str | os.PathLike, transform: Callable | None = None,
-                 class_to_idx: dict[str, int] | None = None, *, target_transform: Callable | None = None,
-                 mode: str | None = "RGB", size: int | tuple[int, int] | None = None):
-        root = Path(path)
-        if not root.is_dir():
-            raise UserError(f"synthetic folder not found: {root}")
-        if mode not in (None, "RGB", "L"):
-            raise UserError(f"mode must be 'RGB', 'L' or None, got {mode!r}")
-        info = _synth_settings(root)
-        if info.get("format") != TAR_FORMAT:
-            raise UserError(f"{root} was not written by `augment-gan synth --format tar` (its synth.json says "
-                            f"format {info.get('format')!r}); read it with SyntheticImageFolder")
-        if not (root / MANIFEST).is_file():
-            raise UserError(f"{root} has no {MANIFEST}, so the set is incomplete: run its remaining `synth --shard` "
-                            "processes (or the same command again) first")
-        own = list(info.get("classes") or []) if info.get("conditional") else []
-        ext = "." + TAR_IMAGE_FORMAT
-
-        self.shards = sorted(name for name in os.listdir(root) if SHARD_NAME.match(name))
-        found: dict[int, list] = {}  # final index -> [shard, image offset, size, json offset, size, label]
-        for s, shard in enumerate(self.shards):
-            for name, offset, length, data in read_shard(root / shard, contents=(".cls",)):
-                stem, dot, suffix = name.rpartition(".")
-                if not dot or not stem.isdigit():
-                    continue
-                entry = found.setdefault(int(stem), [s, -1, 0, -1, 0, None])
-                if suffix == ext[1:]:
-                    entry[1:3] = offset, length
-                elif suffix == "json":
-                    entry[3:5] = offset, length
-                elif suffix == "cls":
-                    entry[5] = int(data)
-        rows = np.array(sorted((k, *v[:5], -1 if v[5] is None else v[5]) for k, v in found.items()),
-                        dtype=np.int64).reshape(-1, 7)
-        broken = rows[(rows[:, 2] < 0) | ((rows[:, 6] < 0) if own else (rows[:, 6] >= 0)) | (rows[:, 6] >= len(own))]
-        if len(broken):
-            index, shard = int(broken[0, 0]), self.shards[int(broken[0, 1])]
-            raise UserError(f"{root / shard}: sample {index:06d} lacks its {ext} image"
-                            + (" or its .cls label (in range of synth.json's classes)" if own else
-                               " or has a label, but the set is unconditional"))
-        self.indices = rows[:, 0]
-        self._shard, self._offset, self._size, self._json_offset, self._json_size = rows[:, 1:6].T.copy()
-        labels = rows[:, 6]
-        present = {own[i] for i in np.unique(labels)} if own else set()
-        self.class_to_idx, self.classes = _align_classes(own, class_to_idx, present, f"synthetic set {root}")
-        if own:
-            remap = np.array([self.class_to_idx[name] for name in own], dtype=np.int64)
-            self.targets = remap[labels].tolist()
-        else:
-            self.targets = [UNLABELED] * len(rows)
-        self.root = root
-        self.transform, self.target_transform = transform, target_transform
-        self.mode = mode
-        self.size = as_size(size)
-        self._files: dict[int, Any] = {}
-        self._pid = os.getpid()
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def _read(self, shard: int, offset: int, size: int) -> bytes:
-        if self._pid != os.getpid():  # a forked DataLoader worker: its own handles, not the parent's
-            self._files, self._pid = {}, os.getpid()
-        f = self._files.get(shard)
-        if f is None:
-            f = self._files[shard] = open(self.root / self.shards[shard], "rb")
-        f.seek(offset)
-        return f.read(size)
-
-    def __getitem__(self, index: int):
-        data = self._read(int(self._shard[index]), int(self._offset[index]), int(self._size[index]))
-        image = Image.open(io.BytesIO(data))
-        if self.mode is not None and image.mode != self.mode:
-            image = image.convert(self.mode)
-        else:
-            image.load()
-        return _transformed(_resize(image, self.size), self.targets[index], self.transform, self.target_transform)
-
-    def row(self, index: int) -> ManifestRow:
-        """Item `index`'s manifest row, read from its shard."""
-        if self._json_offset[index] < 0:
-            raise UserError(f"{self.root}: sample {int(self.indices[index]):06d} has no .json member")
-        data = self._read(int(self._shard[index]), int(self._json_offset[index]), int(self._json_size[index]))
-        return ManifestRow.from_dict(json.loads(data))
-
-    def close(self) -> None:
-        """Close the shard files this process opened (they reopen on the next read)."""
-        for f in self._files.values():
-            f.close()
-        self._files = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_files"] = {}
-        return state
-
-    def __repr__(self) -> str:
-        return (f"SyntheticTarDataset({str(self.root)!r}, {len(self)} images in {len(self.shards)} shards, "
-                f"{len(self.classes)} classes)")
 
 
 # ----------------------------------------------------------------------------------------------------------

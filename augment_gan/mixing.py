@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, Subset
 
-from augment_gan.datasets import GeneratorDataset, SyntheticImageFolder, SyntheticTarDataset
+from augment_gan.datasets import GeneratorDataset, SyntheticImageFolder
 from augment_gan.errors import UserError
+from augment_gan.tardataset import SyntheticTarDataset
 
 # ----------------------------------------------------------------------------------------------------------
 # One image size. A generator makes 32 px images and up, MNIST is 28 px: without this, the first batch

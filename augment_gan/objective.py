@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from augment_gan import diffaug, losses, selfsup
 from augment_gan.config import TrainConfig
+from augment_gan.errors import UserError
 from augment_gan.models import Discriminator, Encoder, Generator
 
 
@@ -65,8 +66,6 @@ class BatchLayout:
         b = batch // world
         stride = max(1, round(1 / selfsup_fraction))
         if world > 1 and b % stride:
-            from augment_gan.errors import UserError
-
             raise UserError(f"per-rank batch {b} must be a multiple of {stride} (1/selfsup_fraction)")
         sub = torch.tensor([j for j in range(b) if (rank * b + j) % stride == 0])
         return cls(batch, slice(rank * b, (rank + 1) * b), sub)

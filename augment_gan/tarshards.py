@@ -6,7 +6,7 @@ files. Shard t holds the plan's units t·U .. t·U + U - 1 (U = images_per_tar /
 and for each kept image, in unit order, one webdataset sample: the members `<index>.png` (the image),
 `<index>.json` (its manifest row, `augment_gan.manifest`) and, in a class-conditional set, `<index>.cls` (its
 label: the checkpoint's class index, in decimal). `webdataset.WebDataset(urls).decode("pil").to_tuple("png",
-"cls")` reads them as they are; `augment_gan.datasets.SyntheticTarDataset` gives indexed access.
+"cls")` reads them as they are; `augment_gan.tardataset.SyntheticTarDataset` gives indexed access.
 
 A shard is written as `shard-000000.tar.tmp-<pid>` and renamed when complete, so it exists whole or not at
 all; resume regenerates the shards that do not exist. Headers are plain ustar with fixed metadata (mtime 0,

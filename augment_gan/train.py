@@ -12,15 +12,12 @@ import copy
 import json
 import logging
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from augment_gan import __version__, diffaug
 from augment_gan.atomic import write_bytes_atomic
@@ -37,23 +34,20 @@ from augment_gan.checkpoint import (
     supersede_after,
 )
 from augment_gan.config import RESUME_OVERRIDABLE, TrainConfig, run_differences
-from augment_gan.data import ReadOptions, load_folder
 from augment_gan.device import resolve_device
 from augment_gan.distributed import all_reduce_mean_grads, any_rank, dist_env, global_mean
 from augment_gan.errors import UserError, os_error_message
 from augment_gan.grid import save_grid
 from augment_gan.guard import StopFlag, run_lock
 from augment_gan.models import build_networks, standing_statistics
+from augment_gan.monitor import Budget, FiniteWatch, RunLogger, TrainingDiverged  # noqa: F401 (TrainingDiverged: public)
 from augment_gan.objective import BatchLayout, Objective, autocast, draw_step
 from augment_gan.outputs import reserve_room
-from augment_gan.pixels import hwc_to_nchw, to_float
-from augment_gan.runmeta import DataInfo, RunMeta
+from augment_gan.pixels import to_float
+from augment_gan.runmeta import RunMeta
+from augment_gan.trainset import TrainingSet, check_same_data, images_on, load_training_set
 
 _log = logging.getLogger(__name__)
-
-
-class TrainingDiverged(UserError):
-    """A loss became NaN or inf; the run stops and keeps its last good checkpoint."""
 
 
 class Interrupted(UserError):
@@ -74,71 +68,6 @@ def _ema_beta(config: TrainConfig, batch: int, nimg: int) -> float:
 # ----------------------------------------------------------------------------------------------------
 # The pieces a run is made of.
 
-@dataclass
-class _TrainingSet:
-    """The training folder decoded to uint8 N×R×R×C, with the labels a conditional run trains on."""
-
-    data: np.ndarray                   # N×R×R×C uint8, memory-mapped from the cache (augment_gan.data)
-    labels: torch.Tensor | None        # N, int64; None when the run is unconditional
-    classes: list[str]                 # the classes G draws (empty when unconditional)
-    info: DataInfo
-
-    @property
-    def conditional(self) -> bool:
-        return self.labels is not None
-
-
-def _load_training_set(folder, config: TrainConfig, cache: Path, progress: bool, rank: int, world: int
-                       ) -> _TrainingSet:
-    """Rank 0 decodes the folder and fills the cache first; the other ranks then memory-map it."""
-    options = ReadOptions(resolution=config.resolution, fit=config.fit, background=tuple(config.background))
-    if rank == 0:
-        images = load_folder(folder, options, cache_dir=cache, progress=progress)
-    if world > 1:
-        dist.barrier()
-    if rank != 0:
-        images = load_folder(folder, options, cache_dir=cache, progress=False)
-    data = images.images  # a memory map: batches are read from it, the folder is never copied into memory
-    conditional = bool(config.conditional and images.labels is not None and len(images.classes) > 1)
-    counts = (np.bincount(np.asarray(images.labels), minlength=len(images.classes)).tolist()
-              if images.labels is not None else [])
-    info = DataInfo(root=str(Path(folder).resolve()), images=int(data.shape[0]), channels=int(data.shape[3]),
-                    classes=tuple(images.classes), skipped=len(images.skipped), class_counts=tuple(counts))
-    labels = torch.from_numpy(np.asarray(images.labels, dtype=np.int64)) if conditional else None
-    return _TrainingSet(data, labels, list(images.classes) if conditional else [], info)
-
-
-class _MappedImages:
-    """Training images indexed per batch from the memory-mapped cache: `images[idx]` (idx a CPU int64
-    tensor) -> uint8 N×C×R×R tensor. Only the batch is copied, so memory does not grow with the folder."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, data: np.ndarray):
-        self.data = data  # uint8 N×R×R×C
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
-        return hwc_to_nchw(np.asarray(self.data[idx.numpy()]))
-
-
-_TO_DEVICE_CHUNK = 4096  # images per host-to-GPU copy: 50 MB at 64 px RGB, whatever the folder's size
-
-
-def _images_on(dev: torch.device, data: np.ndarray) -> torch.Tensor | _MappedImages:
-    """The training images (uint8 N×R×R×C) as the loop indexes them: uint8 N×C×R×R on the GPU when they take
-    at most half its free memory (no copy per step), copied there in chunks; else read per batch from the map."""
-    if dev.type == "cuda" and data.nbytes <= torch.cuda.mem_get_info(dev)[0] // 2:
-        n, r, _, c = data.shape
-        out = torch.empty((n, c, r, r), dtype=torch.uint8, device=dev)
-        for start in range(0, n, _TO_DEVICE_CHUNK):
-            out[start:start + _TO_DEVICE_CHUNK] = hwc_to_nchw(data[start:start + _TO_DEVICE_CHUNK]).to(dev)
-        return out
-    return _MappedImages(data)
-
-
 def _saved_state(out_dir: Path, config: TrainConfig, resume: bool, checkpoint: str | Path | None):
     """The training state to continue when resuming (None for a fresh run), after the checks: the run's
     newest checkpoint, or `checkpoint`."""
@@ -158,16 +87,7 @@ def _saved_state(out_dir: Path, config: TrainConfig, resume: bool, checkpoint: s
     return saved
 
 
-def _check_same_data(old: RunMeta, train_set: _TrainingSet) -> None:
-    if list(old.classes) != train_set.classes or old.channels != train_set.info.channels:
-        raise UserError(f"--resume: the folder's classes/channels differ from the run's "
-                        f"({list(old.classes)}, {old.channels} channels)")
-    if old.data.images != train_set.info.images:
-        _log.warning(f"the folder now has {train_set.info.images} images (the run started with "
-                     f"{old.data.images}); resuming is no longer exact")
-
-
-def _build(config: TrainConfig, train_set: _TrainingSet, dev: torch.device):
+def _build(config: TrainConfig, train_set: TrainingSet, dev: torch.device):
     """Networks (G, its EMA copy, D, E) on `dev` and their optimizers, initialised from `config.seed`."""
     torch.manual_seed(config.seed)
     G, D, E = build_networks(config, train_set.info.channels, len(train_set.classes))
@@ -190,7 +110,7 @@ class _Run:
     config: TrainConfig
     out_dir: Path
     dev: torch.device
-    train_set: _TrainingSet
+    train_set: TrainingSet
     nets: dict[str, torch.nn.Module]
     optims: dict[str, torch.optim.Optimizer]
     gen: torch.Generator               # every random draw of the loop (objective.draw_step)
@@ -293,126 +213,6 @@ def _kept_work(last: Path | None, step: int, elapsed_s: float) -> str:
             "free some space, then continue with the same command plus --resume")
 
 
-class _Budget:
-    """When to stop: after `kimg` thousand images, or `minutes` on the run's clock (wall or CPU time)."""
-
-    def __init__(self, config: TrainConfig, elapsed_before: float, is_main: bool, world: int) -> None:
-        self.config, self.elapsed_before, self.is_main, self.world = config, elapsed_before, is_main, world
-        self.clock = time.process_time if config.clock == "cpu" else time.monotonic
-        self.t_start = self.clock()
-
-    def elapsed(self) -> float:
-        """Budget used so far, including what earlier sessions of a resumed run used (`elapsed_s`)."""
-        return self.elapsed_before + (self.clock() - self.t_start)
-
-    def done(self, nimg: int) -> bool:
-        if self.config.kimg is not None:
-            return nimg >= self.config.kimg * 1000
-        done = self.elapsed() >= self.config.minutes * 60
-        # Clocks differ between ranks: rank 0 decides for everyone.
-        return any_rank(done and self.is_main, self.world) if self.world > 1 else done
-
-    def spent_message(self, nimg: int) -> str:
-        if self.config.kimg is not None:
-            used, limit = f"{nimg / 1000:g} kimg", f"--kimg {self.config.kimg:g}"
-            hint = "a larger --kimg"
-        else:
-            used, limit = f"{self.elapsed() / 60:.2f} minutes", f"--minutes {self.config.minutes:g}"
-            hint = "a larger --minutes (the total for the run, not the extra time)"
-        return (f"--resume: the run has already used its budget ({used}, {limit}); "
-                f"pass {hint} to continue it")
-
-
-class _FiniteWatch:
-    """Watches the losses for NaN/inf without a host-device sync per step: the flags stay on the device and
-    `check` reads them every `log_every` steps and before every checkpoint, so a NaN state is never saved."""
-
-    def __init__(self) -> None:
-        self.first_bad: dict[str, torch.Tensor] = {}   # loss name -> first step it was not finite (-1: never)
-
-    def add(self, name: str, loss: torch.Tensor, step: int) -> None:
-        ok = torch.isfinite(loss.detach()).all()
-        prev = self.first_bad.get(name)
-        if prev is None:
-            prev = torch.full((), -1, dtype=torch.long, device=loss.device)
-        self.first_bad[name] = torch.where(ok | (prev >= 0), prev, torch.full_like(prev, step))
-
-    def check(self, step: int, last: Path | None, world: int) -> None:
-        bad = {name: int(t) for name, t in self.first_bad.items() if int(t) >= 0}
-        if any_rank(bool(bad), world):
-            name, at = min(bad.items(), key=lambda kv: kv[1]) if bad else ("another rank's", step)
-            where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-            raise TrainingDiverged(f"{name} loss became NaN/inf at step {at} (noticed at step {step}); stopped "
-                                   f"without saving; {where} (try a lower learning rate or --config with r1_gamma > 0)")
-
-
-class _Logger:
-    """Averages the step's losses over `log_every` steps into log.jsonl, TensorBoard and the progress bar."""
-
-    def __init__(self, config: TrainConfig, out_dir: Path, step: int, nimg: int, is_main: bool,
-                 progress: bool) -> None:
-        self.config, self.is_main = config, is_main
-        self.sums: dict[str, torch.Tensor | float] = {}
-        self.counts: dict[str, int] = {}  # steps that logged each loss (E's only every encoder_interval steps)
-        self.window_start, self.window_nimg = time.monotonic(), nimg
-        self.file = _open_log(out_dir / "log.jsonl", step) if is_main else None
-        self.tb = _tensorboard(out_dir) if is_main else None
-        self.total = config.kimg
-        self.bar = tqdm(total=config.kimg, unit="kimg", disable=not (progress and is_main), file=sys.stderr,
-                        initial=nimg / 1000,
-                        bar_format="{l_bar}{bar}| {n:.2f}/{total} kimg [{elapsed}<{remaining}{postfix}]"
-                        if config.kimg else "{desc} {n:.2f} kimg [{elapsed}{postfix}]")
-
-    def step(self, step: int, nimg: int, logs: dict[str, torch.Tensor], p: float, ada: diffaug.AdaptiveP,
-             elapsed_s: float) -> None:
-        for k, v in logs.items():   # summed on the device; read once per log_every steps
-            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
-            self.counts[k] = self.counts.get(k, 0) + 1
-        # The last step may pass the kimg budget by up to one batch: the bar stops at its total.
-        self.bar.n = min(nimg / 1000, self.total) if self.total else nimg / 1000
-        if step % 10 == 0:
-            self.bar.refresh()
-        if step % self.config.log_every:
-            return
-        now = time.monotonic()
-        record = {"step": step, "kimg": round(nimg / 1000, 4), "time_s": round(elapsed_s, 3),
-                  "img_per_s": round((nimg - self.window_nimg) / max(now - self.window_start, 1e-9), 2),
-                  "p": round(p, 5), "rt": round(ada.rt, 5),
-                  **{k: round(float(v) / self.counts[k], 6) for k, v in self.sums.items()}}
-        self.sums, self.counts, self.window_start, self.window_nimg = {}, {}, now, nimg
-        if not self.is_main:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step":
-                    self.tb.add_scalar(k, v, step)
-        self.bar.set_postfix({"img/s": record["img_per_s"], "D": record.get("loss_d"),
-                              "G": record.get("loss_g"), "p": record["p"]}, refresh=False)
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.file is not None:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _open_log(path: Path, step: int):
-    """log.jsonl for appending, without the rows of steps after `step` (a resumed run redoes those steps)."""
-    kept = []
-    if step > 0 and path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line + "\n")
-            except (ValueError, KeyError, TypeError):
-                continue
-    write_bytes_atomic(path, "".join(kept).encode())
-    return open(path, "a")
-
-
 def _update_ema(G_ema: torch.nn.Module, G: torch.nn.Module, beta: float) -> None:
     """Parameters averaged, buffers (BatchNorm statistics) copied."""
     with torch.no_grad():
@@ -490,11 +290,11 @@ def _fit_locked(folder, config: TrainConfig, out_dir: Path, resume: bool, checkp
 
     # Load training set.
     cache = Path(cache_dir) if cache_dir is not None else out_dir / "cache"
-    train_set = _load_training_set(folder, config, cache, progress, rank, world)
+    train_set = load_training_set(folder, config, cache, progress, rank, world)
     if saved is not None:
-        _check_same_data(saved[3], train_set)
+        check_same_data(saved[3], train_set)
     n_images, labels = len(train_set.data), train_set.labels
-    images = _images_on(dev, train_set.data)
+    images = images_on(dev, train_set.data)
 
     # Construct networks, optimizers and the loop's random stream; restore them when resuming.
     nets, optims = _build(config, train_set, dev)
@@ -522,7 +322,7 @@ def _fit_locked(folder, config: TrainConfig, out_dir: Path, resume: bool, checkp
         raise UserError(f"mode_seeking_weight > 0 needs an even per-rank batch, got {B // world}")
     objective = Objective(config, G, D, G_ema, E, device=dev, layout=layout, conditional=train_set.conditional,
                           mean=global_mean)
-    budget = _Budget(config, elapsed_before, is_main, world)
+    budget = Budget(config, elapsed_before, is_main, world)
     if saved is not None and budget.done(nimg):
         raise UserError(budget.spent_message(nimg))
     moved = supersede_after(out_dir, step) if is_main and checkpoint is not None else []
@@ -532,7 +332,7 @@ def _fit_locked(folder, config: TrainConfig, out_dir: Path, resume: bool, checkp
     room = _Room(run) if is_main else None   # from here on, the space of one checkpoint is the run's
     existing = list_checkpoints(out_dir)
     last_path: Path | None = existing[-1] if existing else None
-    logger: _Logger | None = None
+    logger: RunLogger | None = None
     try:
         # Bookkeeping: run config, log, checkpoints.
         if is_main:
@@ -540,9 +340,9 @@ def _fit_locked(folder, config: TrainConfig, out_dir: Path, resume: bool, checkp
             write_bytes_atomic(out_dir / "config.json", (json.dumps(
                 {"package_version": __version__, "config": config.to_dict(), "data": train_set.info.to_dict()},
                 indent=2, sort_keys=True) + "\n").encode())
-        logger = _Logger(config, out_dir, step, nimg, is_main, progress)
+        logger = RunLogger(config, out_dir, step, nimg, is_main, progress)
         last_ckpt_time = time.monotonic()
-        watch = _FiniteWatch()
+        watch = FiniteWatch()
 
         # Train.
         while not budget.done(nimg):
@@ -613,12 +413,3 @@ def _fit_locked(folder, config: TrainConfig, out_dir: Path, resume: bool, checkp
         if room is not None:
             room.release()
     return last_path
-
-
-def _tensorboard(out_dir: Path):
-    """A SummaryWriter when tensorboard is installed (optional extra), else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"))

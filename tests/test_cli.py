@@ -2,7 +2,6 @@
 failures that leave the file system as it was, `fit --print-config`, and recipe export to albumentations."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -216,7 +215,8 @@ def test_recipes_show_part_is_read_by_albumentations_and_its_save_by_load_recipe
     import numpy as np
     import torch
 
-    from augment_gan.recipes import DEFAULT_MIX, Recipe, load_recipe, seed_pipeline
+    from augment_gan.pipeline import seed_pipeline
+    from augment_gan.recipes import DEFAULT_MIX, Recipe, load_recipe
 
     result = CliRunner().invoke(app, ["recipes", "show", name, "--part", part])
     assert result.exit_code == 0, result.output

@@ -11,7 +11,8 @@ from PIL import Image
 
 from augment_gan.checkpoint import load_checkpoint
 from augment_gan.cli import app
-from augment_gan.evaluate import EvaluateConfig, compute, probe
+from augment_gan.downstream import probe
+from augment_gan.evaluate import EvaluateConfig, compute
 from fakesynth import copy_classes, write_fake_synth
 from fixtures_run import digits100, tiny_run  # noqa: F401  (session fixtures)
 

@@ -12,8 +12,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from augment_gan.errors import UserError
+from augment_gan.pipeline import seed_pipeline
 from augment_gan.pixels import hwc_to_nchw, to_float
-from augment_gan.recipes import Recipe, list_recipes, load_recipe, read_recipe_text, seed_pipeline
+from augment_gan.recipes import Recipe, list_recipes, load_recipe, read_recipe_text
 
 import albumentations as A  # noqa: E402  (after augment_gan.recipes, which turns off its update check)
 

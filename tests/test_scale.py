@@ -13,7 +13,7 @@ from PIL import Image
 from augment_gan import decode
 from augment_gan.data import ReadOptions, load_folder, read_image
 from augment_gan.pixels import hwc_to_nchw
-from augment_gan.train import _images_on, _MappedImages
+from augment_gan.trainset import MappedImages, images_on
 
 
 @pytest.fixture()
@@ -69,8 +69,8 @@ def test_the_worker_pool_decodes_a_bounded_number_ahead(tmp_path, shared_data, m
 
 def test_fit_indexes_batches_from_the_map(gray_then_colour, tmp_path):
     data = load_folder(gray_then_colour, ReadOptions(resolution=16), cache_dir=tmp_path, progress=False).images
-    images = _images_on(torch.device("cpu"), data)
-    assert isinstance(images, _MappedImages) and len(images) == 41
+    images = images_on(torch.device("cpu"), data)
+    assert isinstance(images, MappedImages) and len(images) == 41
     idx = torch.tensor([40, 3, 3, 0])
     batch = images[idx.to(images.device)]  # how the loop indexes it
     assert batch.dtype == torch.uint8 and batch.is_contiguous()
