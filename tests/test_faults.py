@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 from augment_gan import checkpoint as checkpoint_module
 from augment_gan import train as train_module
+from augment_gan.cli import app
 from augment_gan.checkpoint import (
     checkpoint_step,
     file_digest,
@@ -34,7 +35,6 @@ from augment_gan.checkpoint import (
     load_training_state,
     unfinished_files,
 )
-from augment_gan.cli import app
 from augment_gan.config import TrainConfig
 from augment_gan.errors import UserError
 from augment_gan.imagefile import readable_image
@@ -42,6 +42,7 @@ from augment_gan.merge import merge_folders
 from augment_gan.synth import SynthConfig, synth
 from augment_gan.train import WriteFailed, fit
 from augment_gan.vary import VaryConfig, vary
+from fakesynth import copy_classes
 
 pytest_plugins = ["fixtures_run"]  # tiny_run, digits100 (session-scoped)
 
@@ -145,12 +146,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def digits(shared_data, tmp_path_factory) -> Path:
     """Three digit classes, 16 real MNIST images each."""
-    root = tmp_path_factory.mktemp("digits")
-    for d in ("0", "1", "7"):
-        (root / d).mkdir()
-        for f in sorted((shared_data / "mnist" / d).iterdir())[:16]:
-            shutil.copy(f, root / d / f.name)
-    return root
+    return copy_classes(shared_data / "mnist", tmp_path_factory.mktemp("digits"), 0, 16, classes=("0", "1", "7"))
 
 
 @pytest.fixture(scope="module")

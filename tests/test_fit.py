@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,10 +20,11 @@ from augment_gan.cli import app
 from augment_gan.config import TrainConfig
 from augment_gan.data import ReadOptions, load_folder
 from augment_gan.errors import UserError
+from augment_gan.guard import run_lock
 from augment_gan.models import build_networks
 from augment_gan.pixels import hwc_to_nchw, to_float
-from augment_gan.guard import run_lock
 from augment_gan.train import TrainingDiverged, fit
+from fakesynth import copy_classes
 
 # Small networks keep each step a few milliseconds on a CPU.
 # Every self-supervised constraint (and the mode-seeking term, whose fake labels come in pairs, and the auxiliary
@@ -41,12 +41,7 @@ TINY = dict(resolution=32, batch_size=8, g_channels=32, d_channels=8, min_channe
 @pytest.fixture(scope="module")
 def digits(shared_data, tmp_path_factory) -> Path:
     """Three digit classes, 16 real MNIST images each."""
-    root = tmp_path_factory.mktemp("digits")
-    for d in ("0", "1", "7"):
-        (root / d).mkdir()
-        for f in sorted((shared_data / "mnist" / d).iterdir())[:16]:
-            shutil.copy(f, root / d / f.name)
-    return root
+    return copy_classes(shared_data / "mnist", tmp_path_factory.mktemp("digits"), 0, 16, classes=("0", "1", "7"))
 
 
 def _all_state(run: Path) -> dict[str, torch.Tensor]:
