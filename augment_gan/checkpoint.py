@@ -237,17 +237,26 @@ def save_checkpoint(run_dir: Path, networks: dict[str, nn.Module], optimizers: d
     return base.with_suffix(".safetensors")
 
 
+def _metadata(header_bytes: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors header (the JSON after its 8-byte length)."""
+    header = json.loads(header_bytes)
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
+        raise ValueError("malformed header")
+    return header.get("__metadata__", {}) or {}
+
+
+def _read_error(path: Path, exc: Exception) -> UserError:
+    return UserError(f"cannot read checkpoint file {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+
+
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         data = path.read_bytes()
         tensors = st_load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + header_len])
-        if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
-            raise ValueError("malformed header")
+        metadata = _metadata(data[8:8 + int.from_bytes(data[:8], "little")])
     except (OSError, SafetensorError, ValueError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read checkpoint file {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    return tensors, header.get("__metadata__", {}) or {}
+        raise _read_error(path, exc) from None
+    return tensors, metadata
 
 
 @dataclass
@@ -295,9 +304,14 @@ def _meta_from_header(path: Path, header: dict[str, str]) -> RunMeta:
 
 
 def read_meta(path: Path) -> RunMeta:
-    """The metadata embedded in a weights file."""
-    _, header = _read_safetensors(Path(path))
-    return _meta_from_header(Path(path), header)
+    """The metadata embedded in a weights file, read from its header alone (the tensors are not loaded)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            metadata = _metadata(f.read(int.from_bytes(f.read(8), "little")))
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise _read_error(path, exc) from None
+    return _meta_from_header(path, metadata)
 
 
 def _state_path(path: Path) -> Path:
@@ -336,9 +350,11 @@ def _check_run(run_dir: Path, path: Path, meta: RunMeta) -> None:
         raise UserError(f"{path} is not a checkpoint of this run: its {'; '.join(problems)} differ from {source}")
 
 
-def _read_checked(path: Path, run_dir: Path | None, need_state: bool) -> tuple[dict[str, torch.Tensor], RunMeta]:
+def _read_checked(path: Path, run_dir: Path | None, need_state: bool
+                  ) -> tuple[dict[str, torch.Tensor], RunMeta, tuple[dict[str, torch.Tensor], dict[str, str]] | None]:
     """Read a weights file and check it: its JSON (required in a run directory) and, in a run directory,
-    that it belongs to the run; with `need_state`, that its optimizer/RNG state reads too."""
+    that it belongs to the run; with `need_state`, that its optimizer/RNG state reads too. Returns the
+    weights, the metadata and (with `need_state`) the state file's tensors and header, read once."""
     tensors, header = _read_safetensors(path)
     meta = _meta_from_header(path, header)
     sidecar = path.with_suffix(".json")
@@ -358,8 +374,8 @@ def _read_checked(path: Path, run_dir: Path | None, need_state: bool) -> tuple[d
         state_path = _state_path(path)
         if not state_path.exists():
             raise UserError(f"cannot resume: {state_path} (optimizer and RNG state) is missing")
-        _read_safetensors(state_path)
-    return tensors, meta
+        return tensors, meta, _read_safetensors(state_path)
+    return tensors, meta, None
 
 
 def _fallback_hint(run_dir: Path, bad: Path, need_state: bool) -> str:
@@ -375,37 +391,42 @@ def _fallback_hint(run_dir: Path, bad: Path, need_state: bool) -> str:
 
 
 def _open(path: str | Path, run_dir: str | Path | None = None, need_state: bool = False
-          ) -> tuple[Path, dict[str, torch.Tensor], RunMeta]:
+          ) -> tuple[Path, dict[str, torch.Tensor], RunMeta, tuple[dict[str, torch.Tensor], dict[str, str]] | None]:
     """Resolve and read a checkpoint with every check; a run directory (given, or `run_dir`) adds the
     run checks, and a failure then names the newest valid checkpoint instead of silently using it."""
     given = Path(path)
     resolved = resolve_checkpoint(given)
     run = Path(run_dir) if run_dir is not None else (_run_dir_of(given) if given.is_dir() else None)
     try:
-        tensors, meta = _read_checked(resolved, run, need_state)
+        tensors, meta, state = _read_checked(resolved, run, need_state)
     except UserError as exc:
         if run is None:
             raise
         raise UserError(f"{exc}{_fallback_hint(run, resolved, need_state)}") from None
-    return resolved, tensors, meta
+    return resolved, tensors, meta, state
 
 
 def resume_point(run_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
     """The checkpoint `fit --resume` continues, after every check: the run's newest, or `checkpoint`
     (a complete checkpoint in the run's checkpoints/ folder, for going back past a damaged one)."""
-    run_dir = Path(run_dir)
+    return _open(resume_choice(Path(run_dir), checkpoint), run_dir=run_dir, need_state=True)[0]
+
+
+def resume_choice(run_dir: Path, checkpoint: str | Path | None) -> Path:
+    """What `--resume` continues, before reading it: the run directory (its newest checkpoint) or
+    `checkpoint`, which must be a complete checkpoint of the run."""
     if checkpoint is None:
         if not list_checkpoints(run_dir):
             raise UserError(f"--resume: {run_dir} has no checkpoint to resume from; run the same command without "
                             "--resume to start it from step 0")
-        return _open(run_dir, need_state=True)[0]
+        return run_dir
     path = resolve_checkpoint(checkpoint)
     if path.resolve().parent != checkpoint_dir(run_dir).resolve():
         raise UserError(f"--checkpoint {checkpoint} is not in {checkpoint_dir(run_dir)}; resume a run from one of "
                         "its own checkpoints")
     if path.resolve() not in {p.resolve() for p in list_checkpoints(run_dir)}:
         raise UserError(f"--checkpoint {checkpoint} is not a complete checkpoint (its .json is missing)")
-    return _open(path, run_dir=run_dir, need_state=True)[0]
+    return path
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
@@ -413,7 +434,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
 
     A run directory gives its newest checkpoint after the checks in this module's docstring.
     """
-    path, tensors, meta = _open(path)
+    path, tensors, meta, _ = _open(path)
     config = meta.config
     g, d, e = build_networks(config, meta.channels, meta.num_classes)
     g_ema, _, _ = build_networks(config, meta.channels, meta.num_classes)
@@ -431,15 +452,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
 
 def load_training_state(path: Path, run_dir: Path | None = None) -> tuple[
         dict[str, dict[str, torch.Tensor]], dict[str, dict], dict[str, torch.Tensor], RunMeta]:
-    """For --resume: (network state dicts, optimizer state dicts, RNG states, metadata); `run_dir` adds the
-    checks that the checkpoint belongs to that run."""
-    path, tensors, meta = _open(path, run_dir=run_dir, need_state=True)
+    """For --resume: (network state dicts, optimizer state dicts, RNG states, metadata), every file read once;
+    `run_dir` adds the checks that the checkpoint belongs to that run (and `path` may be the run directory:
+    its newest checkpoint)."""
+    path, tensors, meta, (state, state_header) = _open(path, run_dir=run_dir, need_state=True)
     nets = {name: {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
             for name in NETWORKS}
     state_path = _state_path(path)
-    if not state_path.exists():
-        raise UserError(f"cannot resume: {state_path} (optimizer and RNG state) is missing")
-    state, state_header = _read_safetensors(state_path)
     try:
         groups = json.loads(state_header["param_groups"])
         optims = {name: _unflatten_optimizer(f"opt.{name}", state, g) for name, g in groups.items()}

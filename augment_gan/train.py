@@ -29,7 +29,7 @@ from augment_gan.checkpoint import (
     list_checkpoints,
     load_training_state,
     remove_unfinished,
-    resume_point,
+    resume_choice,
     save_checkpoint,
     supersede_after,
 )
@@ -73,13 +73,12 @@ def _saved_state(out_dir: Path, config: TrainConfig, resume: bool, checkpoint: s
     newest checkpoint, or `checkpoint`."""
     existing = list_checkpoints(out_dir)
     if not resume:
-        if checkpoint is not None:
-            raise UserError("--checkpoint picks the checkpoint --resume continues; pass --resume too")
         # A folder whose fit stopped before its first checkpoint holds nothing worth keeping: start it again.
         if existing:
             raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
         return None
-    saved = load_training_state(resume_point(out_dir, checkpoint), run_dir=out_dir)
+    # resume_choice picks without reading; load_training_state reads and checks each file once.
+    saved = load_training_state(resume_choice(out_dir, checkpoint), run_dir=out_dir)
     diffs = run_differences(saved[3].config, config)
     if diffs:
         raise UserError(f"--resume: {', '.join(diffs)} differ from the run's saved config; only "
@@ -204,12 +203,11 @@ def _kept_work(last: Path | None, step: int, elapsed_s: float) -> str:
         return (f"no checkpoint was written, so the {step} steps ({elapsed_s / 60:.2f} minutes) of this session "
                 "are lost; free some space, then run the same command again")
     try:
-        meta = json.loads(last.with_suffix(".json").read_text())
-    except (OSError, ValueError):
+        meta = RunMeta.from_json(last.with_suffix(".json").read_text(), last)
+    except (OSError, UserError):
         return f"the last good checkpoint is {last}; continue with the same command plus --resume"
-    lost = step - meta["step"]
-    return (f"the last good checkpoint is {last} (step {meta['step']}, {meta['kimg']:.2f} kimg, "
-            f"{meta['elapsed_s'] / 60:.2f} minutes of training; the steps after it ({lost}) are lost); "
+    return (f"the last good checkpoint is {last} (step {meta.step}, {meta.kimg:.2f} kimg, "
+            f"{meta.elapsed_s / 60:.2f} minutes of training; the steps after it ({step - meta.step}) are lost); "
             "free some space, then continue with the same command plus --resume")
 
 
@@ -262,6 +260,8 @@ def fit(folder: str | Path, config: TrainConfig | None = None, out_dir: str | Pa
     if config.batch_size % world:
         raise UserError(f"batch size {config.batch_size} must be divisible by the number of ranks ({world})")
 
+    if checkpoint is not None and not resume:
+        raise UserError("--checkpoint picks the checkpoint --resume continues; pass --resume too")
     if not Path(folder).is_dir():
         raise UserError(f"training folder not found: {folder}")
     if out_dir.exists() and not out_dir.is_dir():

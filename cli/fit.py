@@ -84,8 +84,6 @@ def command(ctx: click.Context, folder: Path, out: Path | None, device: str, res
              if ctx.get_parameter_source(name) != ParameterSource.DEFAULT}
     if "kimg" in given:
         given["minutes"] = None
-    if checkpoint is not None and not resume:
-        raise UserError("--checkpoint picks the checkpoint --resume continues; pass --resume too")
     if resume:
         base = read_meta(resume_point(out, checkpoint)).config.to_dict()
         if config_file is not None:
