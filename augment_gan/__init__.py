@@ -8,9 +8,9 @@ The Python API mirrors the command line, one function per command, each with its
     ag.synth(ckpt, "synthetic/digits", n=1000)                                     # augment-gan synth
     ag.evaluate("examples/digits", "synthetic/digits")                             # augment-gan evaluate
 
-`vary`, `merge`, `report` and `inspect` follow the same pattern; the torchvision-facing datasets
-(`SyntheticImageFolder`, `SyntheticTarDataset`, `GeneratorDataset`, `MixedDataset`) and `load_recipe` are
-here too. Each function's docstring is its reference.
+`vary`, `merge`, `report`, `inspect` and `augment` (all of the above, measured) follow the same pattern; the
+torchvision-facing datasets (`SyntheticImageFolder`, `SyntheticTarDataset`, `GeneratorDataset`,
+`MixedDataset`) and `load_recipe` are here too. Each function's docstring is its reference.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     # Commands and their configs.
     "fit": ("augment_gan.train", "fit"),
     "TrainConfig": ("augment_gan.config", "TrainConfig"),
+    "LabelerConfig": ("augment_gan.pseudolabel", "LabelerConfig"),
     "synth": ("augment_gan.synth", "synth"),
     "SynthConfig": ("augment_gan.synth", "SynthConfig"),
     "vary": ("augment_gan.vary", "vary"),
@@ -36,6 +37,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "merge": ("augment_gan.merge", "merge_folders"),
     "report": ("augment_gan.report", "write_report"),
     "inspect": ("augment_gan.data", "inspect_folder"),
+    "augment": ("augment_gan.augment", "augment"),
+    "AugmentConfig": ("augment_gan.augment", "AugmentConfig"),
     # Reading folders and checkpoints.
     "ReadOptions": ("augment_gan.decode", "ReadOptions"),
     "load_folder": ("augment_gan.data", "load_folder"),
@@ -56,6 +59,8 @@ _LAZY: dict[str, tuple[str, str]] = {
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # type checkers see the real objects; at run time they load lazily
+    from augment_gan.augment import AugmentConfig as AugmentConfig
+    from augment_gan.augment import augment as augment
     from augment_gan.checkpoint import load_checkpoint as load_checkpoint
     from augment_gan.config import TrainConfig as TrainConfig
     from augment_gan.data import inspect_folder as inspect  # noqa: F401 (public name, in __all__)
@@ -70,6 +75,7 @@ if TYPE_CHECKING:  # type checkers see the real objects; at run time they load l
     from augment_gan.mixing import DistributedMixedSampler as DistributedMixedSampler
     from augment_gan.mixing import MixedDataset as MixedDataset
     from augment_gan.mixing import MixedSampler as MixedSampler
+    from augment_gan.pseudolabel import LabelerConfig as LabelerConfig
     from augment_gan.recipes import Recipe as Recipe
     from augment_gan.recipes import list_recipes as list_recipes
     from augment_gan.recipes import load_recipe as load_recipe

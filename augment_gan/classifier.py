@@ -190,6 +190,23 @@ def predict(model: SmallCNN, images: np.ndarray, *, batch_size: int = 512) -> np
     return torch.cat(out).numpy() if out else np.zeros(0, np.int64)
 
 
+@torch.inference_mode()
+def predict_confidence(model: SmallCNN, images: np.ndarray, *, batch_size: int = 512
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class indices int64 N, their softmax probability float32 N) for uint8 N×H×W×C images."""
+    model.eval()
+    device = next(model.parameters()).device
+    labels, confidence = [], []
+    for s in range(0, len(images), batch_size):
+        p = model(to_float(hwc_to_nchw(images[s:s + batch_size])).to(device)).float().softmax(dim=1).cpu()
+        best = p.max(dim=1)
+        labels.append(best.indices)
+        confidence.append(best.values)
+    if not labels:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return torch.cat(labels).numpy(), torch.cat(confidence).numpy()
+
+
 def accuracy(model: SmallCNN, images: np.ndarray, labels: np.ndarray, *, batch_size: int = 512) -> float:
     """Top-1 accuracy in [0, 1] of `model` on uint8 N×H×W×C images."""
     labels = np.asarray(labels, dtype=np.int64)

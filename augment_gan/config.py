@@ -33,6 +33,12 @@ class TrainConfig:
     """RGB colour that transparent pixels are composited over."""
     conditional: bool = True
     """Class-conditional G and D when the folder has class subfolders."""
+    class_sampling: float = 0.5
+    """Conditional runs on a folder with unequal classes: class c's real images, and the fake labels alike, are
+    drawn with probability ∝ n_c ** class_sampling. 1 follows the folder's frequencies (a class of 4 images
+    among 1,000 is seen in 0.4% of the draws and G barely learns it), 0 draws every class equally (D then sees
+    a rare class's few images so often that it memorises them), 0.5 is the square-root sampling of the
+    long-tail literature. Equal classes and unconditional runs draw uniformly whatever the value."""
 
     # Budget.
     kimg: float | None = None
@@ -112,8 +118,11 @@ class TrainConfig:
     work; a quarter keeps their total cost below one adversarial D pass)."""
 
     # Differentiable augmentation of D's inputs (DiffAugment, Zhao et al. 2020) with adaptive p (ADA, Karras et al. 2020).
-    diffaug: tuple[str, ...] = DIFFAUG_OPS
-    """DiffAugment operations applied to every image D sees: any of color, translation, cutout."""
+    diffaug: tuple[str, ...] = ("translation",)
+    """DiffAugment operations applied to every image D sees: any of color, translation, cutout. Translation
+    alone by default: with color at the p that ADA reaches in a few thousand CPU steps (0.6-0.8), D can no
+    longer see a brightness or contrast error, G drifts into blotchy samples and FD rises along the run
+    (`bench_fit.py`, variants `all-ops` and `color-only`, in benchmarks/RESULTS.md)."""
     ada_target: float = 0.6
     """Target of r_t = E[sign(D(real))]; above it D overfits and p rises (ADA paper: 0.6)."""
     ada_kimg: float = 20.0
@@ -162,6 +171,8 @@ class TrainConfig:
             raise UserError(f"encoder_interval must be >= 1, got {self.encoder_interval}")
         if not 0 < self.selfsup_fraction <= 1:
             raise UserError(f"selfsup_fraction must be in (0, 1], got {self.selfsup_fraction}")
+        if not 0 <= self.class_sampling <= 1:
+            raise UserError(f"class_sampling must be in [0, 1], got {self.class_sampling}")
         if self.fixed_p is not None and not 0 <= self.fixed_p <= 1:
             raise UserError(f"fixed_p must be in [0, 1], got {self.fixed_p}")
         for name in ("rotation_d_weight", "rotation_g_weight", "completion_weight", "encoder_weight",

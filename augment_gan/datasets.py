@@ -145,6 +145,15 @@ def _transformed(image, target, transform, target_transform):
         target = target_transform(target)
     return image, target
 
+def planned_empty(root: Path) -> set[str]:
+    """Classes that a synth folder's plan gives no images (`synth --balance` skips the classes that need none):
+    their absence is by design, not worth a warning."""
+    if not (root / SETTINGS).is_file():
+        return set()
+    info = _synth_settings(root)
+    return {c for c, n in zip(info.get("selected_classes") or [], info.get("counts") or []) if n == 0}
+
+
 def _synthetic_records(root: Path) -> tuple[list[dict[str, Any]], list[str], bool]:
     """(manifest records, the generator's classes, conditional?) of a synth/vary folder, checked."""
     if not root.is_dir():
@@ -209,7 +218,7 @@ class SyntheticImageFolder(VisionDataset):
             warnings.warn(f"{len(kept) - len(usable)} image(s) marked kept in {manifest} are missing on disk; "
                           "skipping them", stacklevel=2)
         self.class_to_idx, self.classes = _align_classes(
-            own, class_to_idx, {r["class"] for r in usable}, f"synthetic set {root}")
+            own, class_to_idx, {r["class"] for r in usable} | planned_empty(root), f"synthetic set {root}")
 
         self.root = root
         self.loader = loader

@@ -133,7 +133,8 @@ def downstream(real_set, synth_set, config: EvaluateConfig, *, cache_dir=None,
 def probe(run: str | Path, real_dir: str | Path, config: EvaluateConfig, *, cache_dir=None,
           log: Callable[[str], None] = _log.info) -> dict[str, Any]:
     """Linear-probe accuracy of a trained discriminator's `D.features` on the labeled real folder, next to
-    the same probe on a randomly initialised D of the same architecture (the floor the training beat)."""
+    the same probe on a randomly initialised D of the same architecture: the D the run started from (its config
+    and seed, built as `fit` builds it), so the difference is what training taught D."""
     import torch
 
     from augment_gan.checkpoint import load_checkpoint
@@ -151,13 +152,14 @@ def probe(run: str | Path, real_dir: str | Path, config: EvaluateConfig, *, cach
     tr, te = stratified_split(labels, config.test_fraction, config.seed)
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+        torch.manual_seed(ckpt.config.seed)  # as train._build: G, D, E from the run's seed
         _, random_d, _ = build_networks(ckpt.config, ckpt.channels, ckpt.num_classes)
     result = {"checkpoint": str(ckpt.path), "digest": ckpt.digest, "n_train": len(tr), "n_test": len(te),
-              "classes": len(data.classes)}
+              "classes": len(data.classes), "random_d_seed": ckpt.config.seed}
     for name, D in (("trained_d", ckpt.D), ("random_d", random_d)):
         f = discriminator_extractor(D, name=name, device=config.device)(images)
         result[name] = linear_probe(f[tr], labels[tr], f[te], labels[te], steps=config.probe_steps, seed=config.seed)
         log(f"probe {name.replace('_', ' ')}: {result[name]:.1%}")
     result["feature_dim"] = int(f.shape[1])
+    result["gain"] = result["trained_d"] - result["random_d"]
     return result

@@ -425,5 +425,6 @@ def format_result(result: dict[str, Any]) -> str:
         lines += ["", f"probe: linear classifier on D.features ({p['feature_dim']}-d), "
                       f"{p['n_train']} train / {p['n_test']} test images, {p['classes']} classes",
                   f"{'  trained D':<28}{p['trained_d']:>12.1%}",
-                  f"{'  random-init D':<28}{p['random_d']:>12.1%}"]
+                  f"{'  random-init D':<28}{p['random_d']:>12.1%}   same architecture, the run's initial weights",
+                  f"{'  trained - random':<28}{100 * (p['trained_d'] - p['random_d']):>+10.1f} pp"]
     return "\n".join(lines)

@@ -47,7 +47,7 @@ class ManifestRow:
     """Discriminator logit (synth --keep-top)."""
     kept: bool = True
     filter: str | None = None
-    """Why a candidate was rejected: "keep-top" or "dedup"; None when kept."""
+    """Why a candidate was rejected: "keep-top", "dedup" or "label-confidence"; None when kept."""
     latent: int | None = None
     """synth: the latent index the image was drawn from."""
     nn_distance: float | None = None
@@ -58,6 +58,12 @@ class ManifestRow:
     """vary: the variation's number."""
     sigma: float | None = None
     posterior_std: float | None = None
+    partner: str | None = None
+    """vary --interpolate: the same-class source image interpolated toward (written only when set)."""
+    mix: float | None = None
+    """vary --interpolate: the position on the segment from `source` (0) to `partner` (1)."""
+    confidence: float | None = None
+    """synth --label-with: the labelling classifier's softmax probability of `class_name` (written only when set)."""
     version: int = VERSION
     line: int | None = field(default=None, compare=False, repr=False)
     """Line number in the file it was read from (for error messages; never written)."""
@@ -68,7 +74,9 @@ class ManifestRow:
                 "class": self.class_name, "label": self.label, "truncation": self.truncation,
                 "checkpoint": self.checkpoint, "d_score": self.d_score, "kept": self.kept, "filter": self.filter,
                 "latent": self.latent, "nn_distance": self.nn_distance, "source": self.source, "k": self.k,
-                "sigma": self.sigma, "posterior_std": self.posterior_std}
+                "sigma": self.sigma, "posterior_std": self.posterior_std,
+                **({"partner": self.partner, "mix": self.mix} if self.partner is not None else {}),
+                **({"confidence": self.confidence} if self.confidence is not None else {})}
 
     def to_line(self) -> str:
         return json.dumps(self.to_dict()) + "\n"
@@ -81,7 +89,8 @@ class ManifestRow:
                    truncation=data.get("truncation"), d_score=data.get("d_score"), kept=data.get("kept"),
                    filter=data.get("filter"), latent=data.get("latent"), nn_distance=data.get("nn_distance"),
                    source=data.get("source"), k=data.get("k"), sigma=data.get("sigma"),
-                   posterior_std=data.get("posterior_std"), version=data.get("version", 0), line=line)
+                   posterior_std=data.get("posterior_std"), partner=data.get("partner"), mix=data.get("mix"),
+                   confidence=data.get("confidence"), version=data.get("version", 0), line=line)
 
 
 def _problem(data: Any) -> str | None:

@@ -2,7 +2,9 @@
 
 The output holds `copies` augmented versions of every real image (the recipe's real pipeline) plus
 synthetic images in the recipe's real:synthetic ratio within every class (its synthetic pipeline), all at
-one resolution and channel count so any trainer can read the folder as is:
+one resolution and channel count so any trainer can read the folder as is. With `balance`, every class is
+instead filled up to the largest one: synthetic images of the class first, then further real copies
+(copy >= `copies`) if those run out.
 
     OUT/<class>/real-<i:06d>-<copy>.png       i = index of the real image in the sorted folder
     OUT/<class>/synth-<index:06d>-<pass>.png  index = the synth manifest index; pass > 0 only on reuse
@@ -80,6 +82,8 @@ def _synthetic_plan(synth_set: Any, real_per_group: dict[str | None, int], ratio
     for g in np.argsort(-(want - share), kind="stable")[: n_synth_out - int(share.sum())]:
         share[g] += 1
     for g, count in zip(names, share):
+        if count == 0:  # a small class of a long-tailed folder can round to none
+            continue
         members = groups[g]
         rng = np.random.default_rng(np.random.SeedSequence([seed, _SYNTHETIC, names.index(g)]))
         passes = -(-int(count) // len(members))
@@ -96,11 +100,43 @@ def _synthetic_plan(synth_set: Any, real_per_group: dict[str | None, int], ratio
     return plan, n_synth_out
 
 
+def _balanced_plan(synth_set: Any, real_members: dict[str, list[int]], classes: list[str], copies: int,
+                   seed: int) -> list[tuple[int, int, int, str, str | None]]:
+    """The outputs that fill every class up to the largest one's real outputs (plan entries as in
+    `merge_folders`): distinct synthetic images of the class first, then more copies of its real images.
+
+    Real repeats go round the class's real images in a seeded order, so they are spread evenly; their copy
+    numbers continue after `copies`, so each gets its own augmentation.
+    """
+    plan = []
+    groups: dict[str, list[int]] = {}
+    for s, record in enumerate(synth_set.records if synth_set is not None else []):
+        groups.setdefault(record["class"], []).append(s)
+    target = copies * max(len(members) for members in real_members.values())
+    for cls, members in real_members.items():
+        label = classes.index(cls)
+        shortfall = target - copies * len(members)
+        synthetic = groups.get(cls, [])
+        rng = np.random.default_rng(np.random.SeedSequence([seed, _SYNTHETIC, label]))
+        for m in sorted(rng.permutation(len(synthetic))[:shortfall]):
+            record = synth_set.records[synthetic[m]]
+            plan.append((_SYNTHETIC, synthetic[m], 0, f"{cls}/synth-{int(record['index']):06d}-0.png", cls))
+        repeats = shortfall - min(shortfall, len(synthetic))
+        if repeats and synthetic:  # a class with none: SyntheticImageFolder has said so already
+            _log.warning(f"class {cls}: {len(synthetic)} synthetic images for a shortfall of {shortfall}; "
+                         f"writing {repeats} more augmented copies of its {len(members)} real images")
+        order = np.random.default_rng(np.random.SeedSequence([seed, _REAL, label])).permutation(len(members))
+        for j in range(repeats):
+            i, copy = members[order[j % len(members)]], copies + j // len(members)
+            plan.append((_REAL, i, copy, f"{cls}/real-{i:06d}-{copy}.png", cls))
+    return plan
+
+
 def merge_folders(real: str | os.PathLike, synthetic: str | os.PathLike | None, out: str | os.PathLike,
                   recipe: str | os.PathLike = "standard", *, copies: int = 1, seed: int = 0,
                   overwrite: bool = False, resolution: int | None = None, fit: str = "center-crop",
                   background: tuple[int, int, int] = (255, 255, 255), channels: str = "auto",
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, balance: bool = False) -> dict[str, Any]:
     """Write the merged, augmented ImageFolder to `out`; returns the summary also saved as merge.json.
 
     `resolution` defaults to the synthetic images' size (else `ReadOptions.resolution`, 32); real images are read with
@@ -109,6 +145,12 @@ def merge_folders(real: str | os.PathLike, synthetic: str | os.PathLike | None, 
     ratio from the recipe's mix section, split over the classes like the real outputs; within a class,
     synthetic images are used without repeats first, and reused (with a different augmentation,
     pass > 0) only when the class has too few.
+
+    `balance` (for long-tailed folders) replaces the recipe's ratio: every class ends with `copies` × n_max
+    images, n_max being the largest class's real image count. A class's own real outputs come first, then
+    distinct synthetic images of that class fill the shortfall, and only if those run out (or there are
+    none) further augmented copies of its real images (copy numbers from `copies` on). It needs class
+    folders; an unlabeled real folder is a UserError.
 
     A merge that was interrupted is finished by the same call; a second merge into `out` while one runs
     is refused.
@@ -123,19 +165,19 @@ def merge_folders(real: str | os.PathLike, synthetic: str | os.PathLike | None, 
     # A second merge into this folder would write the same files and remove each other's temporaries.
     with output_lock(out, "merge"):
         return _merge_locked(real_root, synth_root, out, recipe, copies, seed, overwrite, resolution, fit,
-                             background, channels, progress)
+                             background, channels, progress, balance)
 
 
 def _identity(settings: dict[str, Any]) -> str:
     """What makes two merges the same output (merge.json without its dates, counts and state), as JSON."""
     keys = ("real", "synthetic", "recipe", "recipe_definition", "seed", "copies", "synthetic_ratio",
-            "read_options", "channels", "classes")
+            "read_options", "channels", "classes", "balance")
     return json.dumps({k: settings.get(k) for k in keys}, sort_keys=True)
 
 
 def _merge_locked(real_root: Path, synth_root: Path | None, out: Path, recipe: str | os.PathLike, copies: int,
                   seed: int, overwrite: bool, resolution: int | None, fit: str, background: tuple[int, int, int],
-                  channels: str, progress: bool) -> dict[str, Any]:
+                  channels: str, progress: bool, balance: bool) -> dict[str, Any]:
     """The rest of `merge_folders`, holding the output folder's lock."""
     from tqdm import tqdm
 
@@ -162,6 +204,8 @@ def _merge_locked(real_root: Path, synth_root: Path | None, out: Path, recipe: s
     # Check the classes before decoding anything: a mismatch is the synthetic dataset's clear error.
     scan = scan_folder(real_root)
     labeled = scan.layout == "classes"
+    if balance and not labeled:
+        raise UserError(f"--balance evens out classes, but {real_root} has no class folders")
     synth_set = None
     if synth_root is not None:
         with warnings.catch_warnings(record=True) as caught:  # logged like the rest, one line each
@@ -190,8 +234,7 @@ def _merge_locked(real_root: Path, synth_root: Path | None, out: Path, recipe: s
     synth_options = ReadOptions(resolution=options.resolution, fit=fit, background=background,
                                 channels="gray" if real_set.channels == 1 else "rgb")
 
-    n_real_out = len(real_set) * copies
-    ratio = real_recipe.ratio if synth_set is not None else 0.0
+    ratio = real_recipe.ratio if synth_set is not None and not balance else 0.0
 
     # Plan every output before writing anything: (kind, source index, copy/pass, relative name, class).
     plan: list[tuple[int, int, int, str, str | None]] = []
@@ -202,8 +245,15 @@ def _merge_locked(real_root: Path, synth_root: Path | None, out: Path, recipe: s
         for k in range(copies):
             name = f"real-{i:06d}-{k}.png"
             plan.append((_REAL, i, k, f"{cls}/{name}" if cls else name, cls))
-    synth_plan, n_synth_out = _synthetic_plan(synth_set, real_per_group, ratio, seed) if ratio else ([], 0)
-    plan += synth_plan
+    if balance:
+        real_members: dict[str, list[int]] = {}
+        for i in range(len(real_set)):
+            real_members.setdefault(real_set.classes[real_set.labels[i]], []).append(i)
+        plan += _balanced_plan(synth_set, real_members, list(real_set.classes), copies, seed)
+    elif ratio:
+        plan += _synthetic_plan(synth_set, real_per_group, ratio, seed)[0]
+    n_real_out = sum(1 for kind, *_ in plan if kind == _REAL)
+    n_synth_out = len(plan) - n_real_out
 
     if clear:
         clear_outputs(out, _merge_owned)
@@ -215,7 +265,7 @@ def _merge_locked(real_root: Path, synth_root: Path | None, out: Path, recipe: s
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "real": str(real_root), "synthetic": str(synth_root) if synth_root else None,
         "recipe": real_recipe.name, "recipe_definition": real_recipe.to_dict(),
-        "seed": seed, "copies": copies, "synthetic_ratio": ratio,
+        "seed": seed, "copies": copies, "synthetic_ratio": None if balance else ratio, "balance": balance,
         "read_options": options.to_dict(), "channels": real_set.channels,
         "classes": list(real_set.classes),
     }

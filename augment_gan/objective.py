@@ -71,8 +71,20 @@ class BatchLayout:
         return cls(batch, slice(rank * b, (rank + 1) * b), sub)
 
 
+def sampling_weights(labels: torch.Tensor | None, power: float) -> torch.Tensor | None:
+    """Per-image draw weights so that class c is drawn with probability ∝ n_c ** power (`class_sampling`), or
+    None when every image is equally likely anyway (unconditional runs, power 1, or classes of equal size)."""
+    if labels is None or power == 1.0:
+        return None
+    counts = torch.bincount(labels)
+    present = counts[counts > 0]
+    if bool((present == present[0]).all()):
+        return None
+    return counts.double().pow(power - 1.0)[labels]
+
+
 def draw_step(gen: torch.Generator, layout: BatchLayout, config: TrainConfig, p: float, n_images: int,
-              labels: torch.Tensor | None, *, paired: bool) -> StepDraws:
+              labels: torch.Tensor | None, *, paired: bool, weights: torch.Tensor | None = None) -> StepDraws:
     """Draw every random number of one step from `gen`, for the global batch, and keep this rank's slice.
 
     The order of the draws below is part of the checkpoint format: `gen`'s state is saved with each
@@ -81,18 +93,26 @@ def draw_step(gen: torch.Generator, layout: BatchLayout, config: TrainConfig, p:
     skipping a draw changes every later step of every run; append new draws at the end, and draw them
     even when their task is off (as the label draws below are drawn for unconditional runs too), so that
     turning a task on or off changes nothing else. `tests/test_objective.py` pins this order.
+
+    `weights` (from `sampling_weights`) replaces the uniform image draws, of reals and of fake labels alike, so
+    that D sees each class as often among fakes as among reals.
     """
     B, local, sub = layout.batch, layout.local, layout.sub
     ops = tuple(config.diffaug)
 
+    def images_drawn() -> torch.Tensor:
+        if weights is None:
+            return torch.randint(n_images, (B,), generator=gen)
+        return torch.multinomial(weights, B, replacement=True, generator=gen)
+
     def fake_labels(pair: bool) -> torch.Tensor | None:
-        # Fake labels follow the data's class frequencies: the label of a random training image.
-        label_idx = torch.randint(n_images, (B,), generator=gen)
+        # Fake labels follow the class frequencies the reals are drawn with: the label of a drawn training image.
+        label_idx = images_drawn()
         if pair:
             label_idx[1::2] = label_idx[0::2]
         return labels[label_idx[local]] if labels is not None else None
 
-    idx = torch.randint(n_images, (B,), generator=gen)[local]
+    idx = images_drawn()[local]
     z = torch.randn(B, config.z_dim, generator=gen)[local]
     y_fake = fake_labels(False)
     aug_real = diffaug.slice_params(diffaug.draw(B, p, ops, gen), local.start, local.stop)

@@ -132,14 +132,36 @@ class Plan:
         return cached
 
 
+def balance_counts(class_counts: tuple[int, ...] | list[int], classes: list[str], selected: tuple[str, ...] | None,
+                   balance_to: int | None) -> tuple[int, ...]:
+    """`synth --balance`: images to write per selected class so that real + synthetic is balanced, max(0, N - n_c)
+    with N = `balance_to` or the largest training class (over all classes, also when only some are selected).
+    `class_counts` are the training folder's images per class, in `classes` order (from the checkpoint)."""
+    if not classes:
+        raise UserError("--balance needs a class-conditional run; this one is unconditional (use --n)")
+    if len(class_counts) != len(classes):
+        raise UserError("this checkpoint does not record how many training images each class had (it was trained "
+                        "by an older augment-gan); give the counts with --per-class instead of --balance")
+    target = max(class_counts) if balance_to is None else balance_to
+    real = dict(zip(classes, class_counts))
+    counts = tuple(max(0, target - real[c]) for c in (selected or classes))
+    if not any(counts):
+        raise UserError(f"nothing to write: every selected class already has >= {target} training images "
+                        f"({', '.join(f'{c}: {real[c]}' for c in (selected or classes))}); raise --balance-to")
+    return counts
+
+
 def make_plan(checkpoint_classes: list[str], num_classes: int, *, n: int | None = None,
-              per_class: int | None = None, classes: tuple[str, ...] | None = None,
+              per_class: int | None = None, counts: tuple[int, ...] | None = None,
+              classes: tuple[str, ...] | None = None,
               keep_top: float | None = None, fmt: str = "png", images_per_tar: int | None = None) -> Plan:
-    """The final indices, labels and candidates of a set (a pure function of its options). `fmt` "tar" groups
-    the units into tar shards of `images_per_tar` images (a multiple of `GROUP_SIZE`)."""
+    """The final indices, labels and candidates of a set (a pure function of its options). Give `n` (split
+    evenly), `per_class`, or `counts` (one per selected class, e.g. from `balance_counts`; a class may get 0).
+    `fmt` "tar" groups the units into tar shards of `images_per_tar` images (a multiple of `GROUP_SIZE`)."""
     if num_classes == 0:
-        if per_class is not None or classes:
-            raise UserError("--per-class and --classes need a class-conditional checkpoint; this one is unconditional")
+        if per_class is not None or classes or counts is not None:
+            raise UserError("--per-class, --classes and --balance need a class-conditional checkpoint; "
+                            "this one is unconditional")
         names: tuple[str | None, ...] = (None,)
         labels: tuple[int | None, ...] = (None,)
     else:
@@ -155,7 +177,10 @@ def make_plan(checkpoint_classes: list[str], num_classes: int, *, n: int | None 
             names = tuple(all_names)
         labels = tuple(all_names.index(c) for c in names)
     C = len(names)
-    if per_class is not None:
+    if counts is not None:
+        assert len(counts) == C and all(c >= 0 for c in counts), counts
+        n = sum(counts)
+    elif per_class is not None:
         counts = (per_class,) * C
         n = per_class * C
     else:

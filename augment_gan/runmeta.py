@@ -20,26 +20,54 @@ FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
+class LabelsInfo:
+    """`fit --labels`: the labeled folder and the pseudo-labels the run trained on (RUN/pseudo_labels.json has
+    every label; `augment_gan.pseudolabel`)."""
+
+    root: str = ""                       # absolute path of the labeled folder
+    confidence: float = 0.0              # unlabeled images were kept at or above this softmax probability
+    labeled_images: int = 0              # labeled images, trained on with their own labels
+    pseudo_counts: tuple[int, ...] = ()  # unlabeled images kept per class, in the run's `classes` order
+    classifier_accuracy: float | None = None  # the labelling classifier's accuracy on held-out labeled images
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"root": self.root, "confidence": self.confidence, "labeled_images": self.labeled_images,
+                "pseudo_counts": list(self.pseudo_counts), "classifier_accuracy": self.classifier_accuracy}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LabelsInfo":
+        accuracy = data.get("classifier_accuracy")
+        return cls(root=str(data.get("root") or ""), confidence=float(data.get("confidence", 0.0)),
+                   labeled_images=int(data.get("labeled_images", 0)),
+                   pseudo_counts=tuple(int(c) for c in data.get("pseudo_counts", ())),
+                   classifier_accuracy=None if accuracy is None else float(accuracy))
+
+
+@dataclass(frozen=True)
 class DataInfo:
     """The training folder as fit read it."""
 
     root: str = ""                 # absolute path of the folder
-    images: int = 0                # images read
+    images: int = 0                # images read (with --labels: the images trained on)
     channels: int = 0              # 1 (grayscale) or 3
-    classes: tuple[str, ...] = ()  # its class subfolders (also when the run ignored them)
+    classes: tuple[str, ...] = ()  # its class subfolders (also when the run ignored them; --labels: the labeled ones)
     skipped: int = 0               # unreadable files skipped
     class_counts: tuple[int, ...] = ()  # images per class, in `classes` order (empty when unlabeled)
+    labels: LabelsInfo | None = None    # `fit --labels`; None otherwise (and in checkpoints written before it)
 
     def to_dict(self) -> dict[str, Any]:
         return {"root": self.root, "images": self.images, "channels": self.channels,
-                "classes": list(self.classes), "skipped": self.skipped, "class_counts": list(self.class_counts)}
+                "classes": list(self.classes), "skipped": self.skipped, "class_counts": list(self.class_counts),
+                **({"labels": self.labels.to_dict()} if self.labels is not None else {})}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "DataInfo":
         data = data or {}
+        labels = data.get("labels")
         return cls(root=str(data.get("root") or ""), images=int(data.get("images", 0)),
                    channels=int(data.get("channels", 0)), classes=tuple(data.get("classes", ())),
-                   skipped=int(data.get("skipped", 0)), class_counts=tuple(data.get("class_counts", ())))
+                   skipped=int(data.get("skipped", 0)), class_counts=tuple(data.get("class_counts", ())),
+                   labels=LabelsInfo.from_dict(labels) if labels is not None else None)
 
 
 @dataclass(frozen=True)
@@ -118,13 +146,18 @@ class RunMeta:
         return cls.from_dict(data, source)
 
 
+BEFORE_FIELD = {"class_sampling": 1.0}
+"""Config fields added later whose default differs from what earlier versions did: a checkpoint without the
+field was trained (and resumes) the old way."""
+
+
 def _config(data: dict[str, Any]) -> TrainConfig:
     """The TrainConfig of a checkpoint; fields a newer version added are dropped with a warning."""
     known = {f.name for f in fields(TrainConfig)}
     extra = sorted(set(data) - known)
     if extra:
         warnings.warn(f"checkpoint config has fields this version does not know, ignored: {extra}", stacklevel=3)
-    return TrainConfig.from_dict({k: v for k, v in data.items() if k in known})
+    return TrainConfig.from_dict({**BEFORE_FIELD, **{k: v for k, v in data.items() if k in known}})
 
 
 def latest_meta(run_dir: str | Path) -> RunMeta | None:

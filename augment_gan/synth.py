@@ -56,7 +56,7 @@ from augment_gan.manifest import (
     write_manifest,
 )
 from augment_gan.outputs import check_out_folder, class_folder, clear_outputs, write_json
-from augment_gan.plan import IMAGE_NAME, IMAGE_TMP, Plan, Unit, make_plan, select, shard_from_env
+from augment_gan.plan import IMAGE_NAME, IMAGE_TMP, Plan, Unit, balance_counts, make_plan, select, shard_from_env
 from augment_gan.resume import SetRows, clean_stale_tmp, find_progress, try_merge
 from augment_gan.synthconfig import SETTINGS, SynthConfig, make_settings, settings_identity
 from augment_gan.tarshards import SHARD_NAME, SHARD_TMP, TarWriter
@@ -97,6 +97,8 @@ class SynthSummary:
     batch_size: int
     device: str
     shard_manifest: str | None = None
+    dropped_confidence: int = 0
+    """`--label-with`: candidates whose label's confidence was under `--label-confidence`."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -288,7 +290,13 @@ def synth(checkpoint: str | os.PathLike[str] | Checkpoint, out: str | Path, conf
     ckpt.G_ema.to(device)
     if config.keep_top is not None:
         ckpt.D.to(device)
-    plan = make_plan(ckpt.classes, ckpt.num_classes, n=config.n, per_class=config.per_class,
+    if config.label_with is not None:  # an unconditional run's candidates, labelled by a classifier
+        from augment_gan.labelwith import label_with
+
+        return label_with(ckpt, Path(out), config, shard, device, t_start)
+    counts = (balance_counts(ckpt.meta.data.class_counts, list(ckpt.classes), config.classes, config.balance_to)
+              if config.balance else None)
+    plan = make_plan(ckpt.classes, ckpt.num_classes, n=config.n, per_class=config.per_class, counts=counts,
                      classes=config.classes, keep_top=config.keep_top, fmt=config.format,
                      images_per_tar=config.images_per_tar)
     out = Path(out)

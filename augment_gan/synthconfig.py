@@ -12,6 +12,7 @@ from augment_gan.dedup import DEDUP_FEATURE, DEDUP_PERCENTILE
 from augment_gan.errors import UserError
 from augment_gan.imagefile import DEFAULT_QUALITY, PNG_COMPRESSOR, SYNTH_FORMATS
 from augment_gan.plan import GROUP_SIZE, Plan
+from augment_gan.pseudolabel import CONFIDENCE
 from augment_gan.tarshards import DEFAULT_IMAGES_PER_TAR, TAR_FORMAT
 from augment_gan.validation import check_types
 
@@ -31,6 +32,11 @@ class SynthConfig:
     """Number of images (split over the selected classes round-robin). Give `n` or `per_class`."""
     per_class: int | None = None
     """Images per selected class (conditional checkpoints)."""
+    balance: bool = False
+    """Write, per class c, max(0, N - n_c) images so that the training folder + this set is balanced; n_c are the
+    training folder's counts recorded in the checkpoint (conditional runs). Instead of `n` / `per_class`."""
+    balance_to: int | None = None
+    """N of `balance` (default: the largest training class's count)."""
     classes: tuple[str, ...] | None = None
     """Subset of the checkpoint's classes to generate (default: all)."""
     seed: int = 0
@@ -48,6 +54,12 @@ class SynthConfig:
     """Training images for `dedup` (default: the folder recorded in the checkpoint)."""
     images_per_tar: int | None = None
     """`format="tar"`: images per tar shard, a multiple of 256 (default `tarshards.DEFAULT_IMAGES_PER_TAR`)."""
+    label_with: str | None = None
+    """A labeled folder (class subfolders) for an unconditional run: a classifier trained on it labels the
+    candidates and the first `n` with confidence >= `label_confidence` are kept, as OUT/<class>/<index>
+    (`augment_gan.labelwith`)."""
+    label_confidence: float = CONFIDENCE
+    """`label_with`: the least softmax probability of a kept candidate's class."""
 
     batch_size: int | None = None
     """Generator batch (default 256 up to 64px, fewer above; never changes the images)."""
@@ -67,8 +79,15 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
-        if (self.n is None) == (self.per_class is None):
-            raise UserError("give the number of images: --n N or --per-class N (not both)")
+        if self.balance:
+            if self.n is not None or self.per_class is not None:
+                raise UserError("--balance sets how many images each class gets; give it without --n and --per-class")
+            if self.balance_to is not None and (isinstance(self.balance_to, bool) or self.balance_to < 1):
+                raise UserError(f"--balance-to must be a positive integer, got {self.balance_to!r}")
+        elif self.balance_to is not None:
+            raise UserError("--balance-to needs --balance")
+        elif (self.n is None) == (self.per_class is None):
+            raise UserError("give the number of images: --n N, --per-class N or --balance (one of them)")
         for name in ("n", "per_class"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -116,6 +135,18 @@ class SynthConfig:
             k, n = self.shard
             if not (n >= 1 and 0 <= k < n):
                 raise UserError(f"--shard K/N needs 0 <= K < N, got {k}/{n}")
+        if self.label_with is not None:
+            others = [name for name, given in (
+                ("--per-class", self.per_class is not None), ("--balance", self.balance),
+                ("--classes", self.classes is not None), ("--keep-top", self.keep_top is not None),
+                ("--dedup", self.dedup), ("--format tar", self.format == TAR_FORMAT),
+                ("--shard", self.shard is not None)) if given]
+            if others:
+                raise UserError(f"--label-with writes --n images in one process; it does not take {', '.join(others)}")
+            if not 0.0 < self.label_confidence <= 1.0:
+                raise UserError(f"--label-confidence must be in (0, 1], got {self.label_confidence}")
+        elif self.label_confidence != CONFIDENCE:
+            raise UserError("--label-confidence needs --label-with")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,6 +165,8 @@ def make_settings(ckpt: Any, plan: Plan, config: SynthConfig, dedup_real: Path |
         "selected_classes": [c for c in plan.classes if c is not None],
         "counts": list(plan.counts),
         "n": plan.n,
+        "balance": {"to": config.balance_to, "training_counts": list(ckpt.meta.data.class_counts)}
+                   if config.balance else None,
         "seed": config.seed,
         "truncation": config.truncation,
         "truncation_method": "psi: z * psi (the prior's mean is 0)",

@@ -41,11 +41,19 @@ from augment_gan.grid import save_grid
 from augment_gan.guard import StopFlag, run_lock
 from augment_gan.models import build_networks, standing_statistics
 from augment_gan.monitor import Budget, FiniteWatch, RunLogger, TrainingDiverged  # noqa: F401 (TrainingDiverged: public)
-from augment_gan.objective import BatchLayout, Objective, autocast, draw_step
+from augment_gan.objective import BatchLayout, Objective, autocast, draw_step, sampling_weights
 from augment_gan.outputs import reserve_room
 from augment_gan.pixels import to_float
+from augment_gan.pseudolabel import PSEUDO_LABELS, LabelerConfig, check_labeled_folder
 from augment_gan.runmeta import RunMeta
-from augment_gan.trainset import TrainingSet, check_same_data, images_on, load_training_set
+from augment_gan.trainset import (
+    TrainingSet,
+    check_same_data,
+    check_same_labels,
+    images_on,
+    load_labeled_training_set,
+    load_training_set,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -231,7 +239,8 @@ def _optimize(loss: torch.Tensor, opt: torch.optim.Optimizer, net: torch.nn.Modu
 
 def fit(folder: str | Path, config: TrainConfig | None = None, out_dir: str | Path | None = None, *,
         resume: bool = False, device: str = "auto", cache_dir: str | Path | None = None,
-        progress: bool = True, checkpoint: str | Path | None = None) -> Path:
+        progress: bool = True, checkpoint: str | Path | None = None, labels: str | Path | None = None,
+        labeler: LabelerConfig | None = None) -> Path:
     """Train G, D and E on the images in `folder`; write checkpoints, grids and logs to `out_dir` (`augment-gan fit`).
 
     `config` defaults to `TrainConfig()` (5 wall-clock minutes at 32 px), `out_dir` to runs/<folder name>.
@@ -240,6 +249,12 @@ def fit(folder: str | Path, config: TrainConfig | None = None, out_dir: str | Pa
     `RESUME_OVERRIDABLE` may differ from the saved config. `checkpoint` (with `resume`) continues from that
     checkpoint of the run instead of its newest, e.g. past a damaged one; the run's later checkpoints are
     moved to checkpoints/superseded/.
+
+    `labels` (`fit UNLABELED --labels LABELED`): a folder of labeled images (class subfolders) for an unlabeled
+    `folder`. A classifier trained on it labels `folder`, and the run trains class-conditionally on the labeled
+    images plus those labelled with a confidence of at least `labeler.confidence` (`augment_gan.pseudolabel`;
+    `labeler` defaults to `LabelerConfig()`). The labels are kept in RUN/pseudo_labels.json; a resumed run
+    trains on them again.
 
     A crash leaves a run that the same command plus `resume=True` continues from its last complete
     checkpoint; a failed write (full disk) stops the run with a `WriteFailed` that says what is kept.
@@ -264,6 +279,10 @@ def fit(folder: str | Path, config: TrainConfig | None = None, out_dir: str | Pa
         raise UserError("--checkpoint picks the checkpoint --resume continues; pass --resume too")
     if not Path(folder).is_dir():
         raise UserError(f"training folder not found: {folder}")
+    if labels is not None:
+        if not config.conditional:
+            raise UserError("--labels trains a class-conditional run on the labeled classes; drop --unconditional")
+        check_labeled_folder(labels)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file, not a run directory")
     created = is_main and not out_dir.exists()
@@ -271,7 +290,7 @@ def fit(folder: str | Path, config: TrainConfig | None = None, out_dir: str | Pa
         lock = run_lock(out_dir) if is_main else contextlib.nullcontext()
         with lock, StopFlag() as stop:
             return _fit_locked(folder, config, out_dir, resume, checkpoint, dev, cache_dir, progress, rank, world,
-                               stop)
+                               stop, labels, labeler)
     except BaseException:
         # A fit that fails before training starts (a bad folder, no images) leaves no run directory behind.
         if created and not (out_dir / "log.jsonl").exists():
@@ -280,20 +299,29 @@ def fit(folder: str | Path, config: TrainConfig | None = None, out_dir: str | Pa
 
 
 def _fit_locked(folder, config: TrainConfig, out_dir: Path, resume: bool, checkpoint: str | Path | None,
-                dev: torch.device, cache_dir, progress: bool, rank: int, world: int, stop: StopFlag) -> Path:
+                dev: torch.device, cache_dir, progress: bool, rank: int, world: int, stop: StopFlag,
+                labels_dir: str | Path | None, labeler: LabelerConfig | None) -> Path:
     is_main = rank == 0
     removed = _remove_unfinished(out_dir) if is_main else []
     if removed:
         _log.warning(f"removed what an interrupted run left in {out_dir}: "
                      f"{', '.join(p.relative_to(out_dir).as_posix() for p in removed)}")
     saved = _saved_state(out_dir, config, resume, checkpoint)
+    if saved is not None:
+        check_same_labels(saved[3], labels_dir)
 
-    # Load training set.
+    # Load training set (with --labels: the labeled images and the confidently pseudo-labelled ones).
     cache = Path(cache_dir) if cache_dir is not None else out_dir / "cache"
-    train_set = load_training_set(folder, config, cache, progress, rank, world)
+    if labels_dir is None:
+        train_set = load_training_set(folder, config, cache, progress, rank, world)
+    else:
+        train_set = load_labeled_training_set(folder, labels_dir, labeler or LabelerConfig(), config,
+                                              out_dir / PSEUDO_LABELS, cache, progress, rank, world,
+                                              resume=saved is not None, device=str(dev))
     if saved is not None:
         check_same_data(saved[3], train_set)
     n_images, labels = len(train_set.data), train_set.labels
+    weights = sampling_weights(labels, config.class_sampling)
     images = images_on(dev, train_set.data)
 
     # Construct networks, optimizers and the loop's random stream; restore them when resuming.
@@ -347,7 +375,7 @@ def _fit_locked(folder, config: TrainConfig, out_dir: Path, resume: bool, checkp
         # Train.
         while not budget.done(nimg):
             p = config.fixed_p if config.fixed_p is not None else ada.p
-            draws = draw_step(gen, layout, config, p, n_images, labels, paired=use_ms).to(dev)
+            draws = draw_step(gen, layout, config, p, n_images, labels, paired=use_ms, weights=weights).to(dev)
             x = images[draws.idx.to(images.device)].to(dev, non_blocking=True)
             x = to_float(x).contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else to_float(x)
             y = labels[draws.idx].to(dev) if labels is not None else None

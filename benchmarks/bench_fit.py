@@ -75,7 +75,7 @@ VARIANTS: dict[str, dict] = {
     "mode-seeking-off": {"mode_seeking_weight": 0.0},
     "diffaug-off": {"diffaug": ()},
     # Which DiffAugment op helps or leaks at 3,800+ steps (FD along the run with --curve-minutes).
-    "translation-only": {"diffaug": ("translation",)},
+    "all-ops": {"diffaug": ("color", "translation", "cutout")},   # the default before 2026-11-30
     "no-color": {"diffaug": ("translation", "cutout")},
     "color-only": {"diffaug": ("color",)},
     "fixed-p": {"fixed_p": FIXED_P},

@@ -17,7 +17,7 @@ from augment_gan.errors import UserError, os_error_message
 
 # Command modules, imported when the group is built. Heavy imports (torch) live inside the command
 # functions so that `augment-gan --help` stays fast.
-_COMMAND_MODULES = ("inspect", "fit", "synth", "vary", "recipes", "merge", "evaluate", "report")
+_COMMAND_MODULES = ("inspect", "fit", "synth", "vary", "recipes", "merge", "evaluate", "report", "augment")
 
 
 class _Group(click.Group):

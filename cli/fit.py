@@ -11,6 +11,7 @@ from augment_gan.cli.verbosity import verbosity_options
 from augment_gan.config import TrainConfig
 from augment_gan.data import FITS, MODEL_RESOLUTIONS
 from augment_gan.device import DEVICE_CHOICES
+from augment_gan.pseudolabel import CONFIDENCE
 
 _DEFAULTS = TrainConfig()  # the options' defaults are the config's, so the two cannot drift apart
 
@@ -47,6 +48,13 @@ def _print_config(ctx: click.Context, param: click.Parameter, value: bool) -> No
               help="With --resume: continue from this checkpoint of the run instead of its newest (e.g. when the "
                    "newest is damaged); later checkpoints move to checkpoints/superseded/.")
 @click.option("--unconditional", is_flag=True, help="Ignore class subfolders.")
+@click.option("--labels", type=click.Path(path_type=Path), default=None,
+              help="A few labeled images (class subfolders) for an unlabeled FOLDER: a classifier trained on them "
+                   "labels FOLDER, and the run trains class-conditionally on the labeled and confidently "
+                   "labeled images.")
+@click.option("--label-confidence", type=float, default=CONFIDENCE, show_default=True,
+              help="--labels: an image of FOLDER is trained on when the classifier's softmax probability is at "
+                   "least this.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="YAML file of TrainConfig fields (command-line options win); start from --print-config.")
 @click.option("--print-config", is_flag=True, is_eager=True, expose_value=False, callback=_print_config,
@@ -60,10 +68,12 @@ def _print_config(ctx: click.Context, param: click.Parameter, value: bool) -> No
 @verbosity_options
 @click.pass_context
 def command(ctx: click.Context, folder: Path, out: Path | None, device: str, resume: bool, checkpoint: Path | None,
-            unconditional: bool, config_file: Path | None, cache_dir: Path | None, quiet: bool, **options) -> None:
+            unconditional: bool, labels: Path | None, label_confidence: float, config_file: Path | None,
+            cache_dir: Path | None, quiet: bool, **options) -> None:
     """Train a generator and discriminator on the images in FOLDER.
 
-    Class subfolders (the torchvision ImageFolder layout) make the model class-conditional. Writes
+    Class subfolders (the torchvision ImageFolder layout) make the model class-conditional; for an unlabeled
+    FOLDER, --labels DIR (a few labeled images) pseudo-labels it first (RUN/pseudo_labels.json). Writes
     checkpoints (safetensors + JSON), sample grids, log.jsonl and config.json into the run directory.
 
     \b
@@ -71,15 +81,20 @@ def command(ctx: click.Context, folder: Path, out: Path | None, device: str, res
       augment-gan fit examples/digits --out runs/digits --minutes 2
       augment-gan fit ./photos --resolution 64 --kimg 200 --device cuda
       augment-gan fit examples/digits --out runs/digits --resume --minutes 10
+      augment-gan fit ./unlabeled --labels ./labeled --out runs/pseudo --minutes 10
       augment-gan fit --print-config > my.yaml   # edit, then: fit FOLDER --config my.yaml
       torchrun --nproc_per_node 2 -m augment_gan fit examples/digits --out runs/ddp
     """
     from augment_gan.checkpoint import read_meta, resume_point
     from augment_gan.config import TrainConfig, load_config_file
     from augment_gan.errors import UserError
+    from augment_gan.pseudolabel import LabelerConfig
     from augment_gan.train import fit
 
     out = out if out is not None else Path("runs") / (folder.resolve().name or "run")
+    if labels is None and ctx.get_parameter_source("label_confidence") != ParameterSource.DEFAULT:
+        raise UserError("--label-confidence needs --labels")
+    labeler = LabelerConfig(confidence=label_confidence)
     given = {name: value for name, value in options.items()
              if ctx.get_parameter_source(name) != ParameterSource.DEFAULT}
     if "kimg" in given:
@@ -102,7 +117,7 @@ def command(ctx: click.Context, folder: Path, out: Path | None, device: str, res
     base.update({_CONFIG_OPTIONS[k]: v for k, v in given.items()})
     config = TrainConfig.from_dict(base)
     path = fit(folder, config, out, resume=resume, device=device, cache_dir=cache_dir, progress=not quiet,
-               checkpoint=checkpoint)
+               checkpoint=checkpoint, labels=labels, labeler=labeler)
     if int(os.environ.get("RANK", "0")) != 0:   # under torchrun, rank 0 prints the summary
         return
     meta = read_meta(path)
@@ -111,3 +126,10 @@ def command(ctx: click.Context, folder: Path, out: Path | None, device: str, res
                f"{'CPU-' if config.clock == 'cpu' else ''}minutes; final adaptive augmentation p {meta.ada_p:.3f}")
     click.echo(f"checkpoint: {path}")
     click.echo(f"samples:    {grid}")
+    if meta.data.labels is not None:
+        info = meta.data.labels
+        counts = ", ".join(f"{c}: {n}" for c, n in zip(meta.classes, info.pseudo_counts))
+        accuracy = (f"; the classifier scored {info.classifier_accuracy:.1%} on held-out labeled images"
+                    if info.classifier_accuracy is not None else "")
+        click.echo(f"labels:     {info.labeled_images} labeled + {sum(info.pseudo_counts)} pseudo-labeled images "
+                   f"at confidence >= {info.confidence:g} ({counts}){accuracy}; {out / 'pseudo_labels.json'}")

@@ -31,34 +31,46 @@ from augment_gan.data import CHANNELS, FITS, RESOLUTIONS, ReadOptions
               help="Colour behind transparent pixels and padding (name, #rrggbb or R,G,B).")
 @click.option("--channels", type=click.Choice(CHANNELS), default="auto", show_default=True,
               help="auto = grayscale when every real image is grayscale, else RGB.")
+@click.option("--balance", is_flag=True,
+              help="Fill every class up to the largest one (COPIES × its image count): synthetic images of the "
+                   "class first, more real copies only if those run out. Replaces the recipe's synthetic_ratio.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (merge.json) as JSON.")
 @verbosity_options
 def command(real, synthetic, recipe, out, copies, seed, overwrite, resolution, fit, background, channels,
-            as_json, quiet) -> None:
+            balance, as_json, quiet) -> None:
     """Write a merged, augmented ImageFolder for training tools outside Python.
 
     Every real image is written COPIES times, each augmented by the recipe's real pipeline; synthetic
-    images are added in the recipe's real:synthetic ratio, augmented by its synthetic pipeline. All
-    images get one size and channel count. OUT/merge.json records the settings, OUT/merge.jsonl where
-    each image came from and its augmentation seed.
+    images are added in the recipe's real:synthetic ratio, augmented by its synthetic pipeline. With
+    --balance, rare classes are filled up to the largest one instead. All images get one size and
+    channel count. OUT/merge.json records the settings, OUT/merge.jsonl where each image came from and
+    its augmentation seed.
 
     \b
     Example:
       augment-gan merge --real examples/digits --synthetic synthetic/digits \\
           --recipe standard --copies 4 --out merged/digits
+      augment-gan merge --real my-long-tail --synthetic synthetic/rare --balance --out merged/balanced
     """
     from augment_gan.merge import merge_folders
 
     summary = merge_folders(real, synthetic, out, recipe, copies=copies, seed=seed, overwrite=overwrite,
                             resolution=int(resolution) if resolution else None, fit=fit,
-                            background=tuple(background), channels=channels, progress=not quiet)
+                            background=tuple(background), channels=channels, progress=not quiet,
+                            balance=balance)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
     counts = summary["counts"]
-    click.echo(f"wrote {counts['total']:,} images to {out}: {counts['real_images']:,} real × {copies} "
-               f"= {counts['real']:,} real, {counts['synthetic']:,} synthetic "
-               f"(recipe {summary['recipe']}, synthetic ratio {summary['synthetic_ratio']:g})")
+    if balance:
+        repeats = counts["real"] - counts["real_images"] * copies
+        click.echo(f"wrote {counts['total']:,} images to {out}, class-balanced: {counts['real']:,} real "
+                   f"({repeats:,} of them extra copies), {counts['synthetic']:,} synthetic "
+                   f"(recipe {summary['recipe']})")
+    else:
+        click.echo(f"wrote {counts['total']:,} images to {out}: {counts['real_images']:,} real × {copies} "
+                   f"= {counts['real']:,} real, {counts['synthetic']:,} synthetic "
+                   f"(recipe {summary['recipe']}, synthetic ratio {summary['synthetic_ratio']:g})")
     for name, per in sorted(counts["per_class"].items()):
         if name:
             click.echo(f"  {name:<16} {per['real']:>7,} real  {per['synthetic']:>7,} synthetic")

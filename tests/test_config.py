@@ -52,7 +52,7 @@ def test_right_types_are_kept_and_numbers_normalised():
     (lambda: SynthConfig(n=10, dedup="yes"), "dedup must be true or false, got 'yes'"),
     (lambda: SynthConfig(n=10, shard=(0, "2")), "shard must be a list of 2 integers or null"),
     (lambda: SynthConfig(n=10, classes="3"), "classes must be a list of strings or null, got '3'"),
-    (lambda: VaryConfig(sigma="0.5"), "sigma must be a finite number, got '0.5'"),
+    (lambda: VaryConfig(sigma="0.5"), "sigma must be a finite number or null, got '0.5'"),
     (lambda: VaryConfig(overwrite=1), "overwrite must be true or false, got 1"),
     (lambda: VaryConfig(seed=-1), "--seed must be >= 0"),
     (lambda: EvaluateConfig(steps=1.5), "steps must be an integer, got 1.5"),

@@ -16,7 +16,7 @@ from augment_gan.cli import app
 from augment_gan.errors import UserError
 from augment_gan.merge import merge_folders
 from augment_gan.recipes import read_recipe_text
-from fakesynth import write_fake_synth
+from fakesynth import copy_classes, write_fake_synth
 
 
 def _small_real(source: Path, dest: Path, classes: list[str], per_class: int) -> Path:
@@ -138,6 +138,69 @@ def test_merge_colour_images(shared_data, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# --balance.
+
+@pytest.fixture
+def long_tail(shared_data, tmp_path) -> Path:
+    """A long-tailed ImageFolder: 6, 3 and 1 digits of classes 1, 4 and 7 (real indices 0-5, 6-8, 9)."""
+    for cls, n in (("1", 6), ("4", 3), ("7", 1)):
+        copy_classes(shared_data / "mnist", tmp_path / "long-tail", 0, n, classes=(cls,))
+    return tmp_path / "long-tail"
+
+
+def _per_class(out: Path) -> dict[str, Counter]:
+    return {cls: Counter(p.name.split("-")[0] for p in _images(out / cls)) for cls in ("1", "4", "7")}
+
+
+def test_merge_balance_fills_classes_with_synthetic_images_then_real_copies(long_tail, fake_synth_folder, tmp_path):
+    summary = merge_folders(long_tail, fake_synth_folder, tmp_path / "a", "standard", balance=True, progress=False)
+    # 5 kept synthetic images per class: enough for class 4 (3 short) and class 7 (5 short).
+    assert _per_class(tmp_path / "a") == {"1": {"real": 6}, "4": {"real": 3, "synth": 3}, "7": {"real": 1, "synth": 5}}
+    assert summary["balance"] is True and summary["synthetic_ratio"] is None and summary["counts"]["total"] == 18
+    assert all(p.name.endswith("-0.png") for p in _images(tmp_path / "a"))  # no image twice
+    # Two copies each: the target is 12 per class; synthetic images run out, then real copies 2, 3, ... follow.
+    summary = merge_folders(long_tail, fake_synth_folder, tmp_path / "b", "standard", copies=2, balance=True,
+                            progress=False)
+    assert summary["counts"]["per_class"] == {"1": {"real": 12, "synthetic": 0}, "4": {"real": 7, "synthetic": 5},
+                                              "7": {"real": 7, "synthetic": 5}}
+    assert sorted(p.name for p in _images(tmp_path / "b" / "7") if p.name.startswith("real")) == [
+        f"real-000009-{k}.png" for k in range(7)]
+    lines = [json.loads(line) for line in (tmp_path / "b" / "merge.jsonl").read_text().splitlines()]
+    assert len({line["origin"] for line in lines if line["source"] == "synthetic" and line["class"] == "7"}) == 5
+    assert len({line["seed"] for line in lines if line["class"] == "7"}) == 12  # each copy its own augmentation
+
+
+def test_merge_balance_without_synthetic_images_of_a_class(long_tail, shared_data, tmp_path):
+    partial = write_fake_synth(shared_data / "mnist", tmp_path / "partial", classes=["1", "4"], per_class=2, size=32)
+    summary = merge_folders(long_tail, partial, tmp_path / "a", "light", balance=True, progress=False)
+    assert _per_class(tmp_path / "a") == {"1": {"real": 6}, "4": {"real": 4, "synth": 2}, "7": {"real": 6}}
+    again = merge_folders(long_tail, partial, tmp_path / "b", "light", balance=True, progress=False)
+    assert [summary["counts"], summary["balance"]] == [again["counts"], True]
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+               for f in (p.relative_to(tmp_path / "a") for p in _images(tmp_path / "a")))
+    # Real images alone: every class filled by real copies.
+    merge_folders(long_tail, None, tmp_path / "c", "light", balance=True, resolution=32, progress=False)
+    assert _per_class(tmp_path / "c") == {"1": {"real": 6}, "4": {"real": 6}, "7": {"real": 6}}
+
+
+def test_merge_balance_is_part_of_the_settings_and_needs_classes(long_tail, fake_synth_folder, tmp_path):
+    out = tmp_path / "m"
+    merge_folders(long_tail, fake_synth_folder, out, "standard", balance=True, progress=False)
+    meta = json.loads((out / "merge.json").read_text())
+    (out / "merge.json").write_text(json.dumps({**meta, "complete": False}))  # as if interrupted
+    with pytest.raises(UserError, match="unfinished merge made with other settings"):
+        merge_folders(long_tail, fake_synth_folder, out, "standard", progress=False)
+    assert merge_folders(long_tail, fake_synth_folder, out, "standard", balance=True, progress=False)["complete"]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for file in sorted((long_tail / "1").iterdir()):
+        shutil.copy(file, flat / file.name)
+    with pytest.raises(UserError, match="--balance evens out classes, but .* has no class folders"):
+        merge_folders(flat, None, tmp_path / "out", "standard", balance=True, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # CLI.
 
 def test_cli_recipes_list_and_show():
@@ -166,3 +229,19 @@ def test_cli_merge(real_digits, fake_synth_folder, tmp_path):
     assert runner.invoke(app, args + ["--overwrite", "--json"]).exit_code == 0
     help_text = runner.invoke(app, ["merge", "--help"]).output
     assert "Example:" in help_text and "augment-gan merge --real" in help_text
+
+
+def test_cli_merge_balance(long_tail, fake_synth_folder, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["merge", "--real", str(long_tail), "--synthetic", str(fake_synth_folder),
+                                 "--out", str(tmp_path / "m"), "--balance", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 18 images" in result.output and "class-balanced: 10 real (0 of them extra copies), 8 synthetic" \
+        in result.output
+    assert json.loads((tmp_path / "m" / "merge.json").read_text())["balance"] is True
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(next((long_tail / "1").iterdir()), flat / "a.png")
+    bad = runner.invoke(app, ["merge", "--real", str(flat), "--out", str(tmp_path / "n"), "--balance", "--quiet"])
+    assert bad.exit_code == 1 and bad.output.startswith("Error: --balance") and bad.output.count("\n") == 1
+    assert "--balance" in runner.invoke(app, ["merge", "--help"]).output

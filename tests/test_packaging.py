@@ -57,7 +57,8 @@ def test_project_metadata():
 
 
 # Import name -> distribution name, where they differ.
-_DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml", "torch_fidelity": "torch-fidelity"}
+_DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml", "torch_fidelity": "torch-fidelity",
+                 "imblearn": "imbalanced-learn"}
 
 
 def _imports(folder: Path) -> set[str]:

@@ -29,6 +29,7 @@ SUBSTITUTIONS = [
     # evaluate: a 10-step feature classifier, and one 5-step downstream classifier per arm.
     (r"\bevaluate (?=--real)", "evaluate --feature-steps 10 --seeds 1 --steps 5 --batch-size 16 "),
     (r"(examples/train_classifier\.py)", r"\1 --steps 8 --batch-size 16"),
+    (r"\baugment (?=examples)", "augment --steps 5 --seeds 1 "),   # augment: one 5-step classifier per arm
 ]
 
 # Commands the test does not run, each listed exactly as the README writes it.
@@ -47,7 +48,8 @@ OUTPUTS = ["runs/digits/config.json", "synthetic/digits/manifest.jsonl", "runs/e
            "synthetic/digits-38/manifest.jsonl", "synthetic/digits-sharded/manifest.jsonl",
            "synthetic/digits-tar/shard-000000.tar",
            "variations/digits-7", "my-recipe.yaml", "merged/digits/merge.json", "eval/digits/metrics.json",
-           "runs/digits/report.html", "runs/emoji64/config.json", "digits-inspect.json"]
+           "runs/digits/report.html", "runs/emoji64/config.json", "digits-inspect.json",
+           "augmented/digits/decision.json"]
 
 
 def _blocks(language: str) -> list[str]:

@@ -393,8 +393,8 @@ def test_cli_writes_and_reports(tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--n", "5", "--per-class", "2"], "--n N or --per-class N"),
-    ([], "--n N or --per-class N"),
+    (["--n", "5", "--per-class", "2"], "--n N, --per-class N or --balance"),
+    ([], "--n N, --per-class N or --balance"),
     (["--n", "5", "--shard", "2/2"], "0 <= K < N"),
     (["--n", "5", "--shard", "x"], "K/N"),
     (["--n", "5", "--classes", "3,cow"], "unknown classes cow"),

@@ -1,0 +1,115 @@
+"""Measuring synthetic sets by training on them: per seed, one real-only classifier and one real+candidate
+classifier per candidate, all with that seed (paired), each scored on the same held-out real images.
+
+`augment` (`augment_gan.augment`) calls `measure`; the rule that reads the scores is `augment_gan.decision`.
+Every score is appended to a JSONL file as soon as it exists, and `measure` skips the (candidate, seed) pairs
+the file already holds, so an interrupted measurement keeps every classifier it finished. The classifier is
+`augment_gan.classifier`'s small CNN with `evaluate --downstream`'s recipes (`downstream.downstream_recipes`).
+Importing this module does not import torch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from augment_gan.decision import REAL, scores
+from augment_gan.errors import UserError
+
+if TYPE_CHECKING:
+    from augment_gan.augmentconfig import AugmentConfig
+    from augment_gan.data import ReadOptions
+
+_log = logging.getLogger("augment_gan.augment")  # part of `augment`
+
+Arrays = tuple[np.ndarray, np.ndarray]
+"""(uint8 N×H×W×C images, int64 N labels)."""
+
+
+def read_options(run_dir: Path) -> ReadOptions:
+    """How the classifiers read every image: the way the fit in `run_dir` read its training images."""
+    from augment_gan.data import ReadOptions
+    from augment_gan.runmeta import latest_meta
+
+    meta = latest_meta(run_dir)
+    if meta is None:
+        raise UserError(f"{run_dir} holds no checkpoint; rerun with --overwrite to start again")
+    return ReadOptions(resolution=meta.config.resolution, fit=meta.config.fit,
+                       background=meta.config.background, channels="gray" if meta.channels == 1 else "rgb")
+
+
+def load_labeled(folder: Path, options: ReadOptions, classes: list[str], cache_dir: Path, what: str) -> Arrays:
+    """A folder of class subfolders (or a synth/vary set) as arrays, its labels indexing `classes` by name."""
+    from augment_gan.data import load_folder
+    from augment_gan.downstream import align_labels
+
+    images = load_folder(folder, options, cache_dir=cache_dir, progress=False)
+    return np.asarray(images.images), align_labels(classes, images, what)
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """The scores measured so far; a line cut short by a killed process is dropped (and the file rewritten
+    without it, so that the next append starts on a line of its own)."""
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    rows, bad = [], False
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad = True
+    if bad or (text and not text.endswith("\n")):
+        from augment_gan.atomic import write_bytes_atomic
+
+        write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return rows
+
+
+def train_and_score(name: str, train: Arrays, val: Arrays, extra: Arrays | None, ratio: float, seed: int,
+                    config: AugmentConfig, recipes: tuple[Any, Any, str], num_classes: int, device: str,
+                    bar: Any) -> dict[str, Any]:
+    """Classifier `name` (a candidate, or `REAL` without `extra`) of seed `seed`, trained and scored on the
+    held-out images (`decision.scores`)."""
+    from augment_gan.classifier import predict, train_classifier
+
+    bar.set_description(f"classifier {name}, seed {seed}")
+    model = train_classifier(train[0], train[1], steps=config.steps, batch_size=config.batch_size, seed=seed,
+                             recipe=recipes[0], extra=extra, synthetic_ratio=ratio, extra_recipe=recipes[1],
+                             num_classes=num_classes, device=device, progress=lambda step, loss: bar.update())
+    return scores(predict(model, val[0]), val[1], num_classes)
+
+
+def measure(path: Path, train: Arrays, val: Arrays, sets: dict[str, Arrays], candidates: list[dict[str, Any]],
+            seeds: list[int], num_classes: int, config: AugmentConfig, device: str) -> None:
+    """Append to `path` the score of every (candidate, seed) and (`REAL`, seed) it does not hold yet.
+
+    `candidates`: {"name", "set" (a key of `sets`), "ratio"} each. Seed by seed, real-only first, so an
+    interruption leaves complete pairs behind.
+    """
+    from augment_gan.downstream import downstream_recipes, step_bar
+    from augment_gan.evaluate import torch_threads
+
+    done = {(r["candidate"], r["seed"]) for r in read_results(path)}
+    jobs = [(c, seed) for seed in seeds for c in [None, *candidates]
+            if (c["name"] if c else REAL, seed) not in done]
+    if done:
+        _log.info(f"{len(done)} classifiers already measured; {len(jobs)} to go")
+    recipes = downstream_recipes(config.recipe, config.seed)
+    bar = step_bar(len(jobs) * config.steps, "classifiers", config.progress)
+    with torch_threads(config.threads, device), open(path, "a") as log:
+        for c, seed in jobs:
+            name = c["name"] if c else REAL
+            row = {"candidate": name, "seed": seed,
+                   **train_and_score(name, train, val, sets[c["set"]] if c else None, c["ratio"] if c else 0.0,
+                                     seed, config, recipes, num_classes, device, bar)}
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            os.fsync(log.fileno())   # a score on disk is a classifier never trained again
+            _log.info(f"seed {seed} {name}: accuracy {row['accuracy']:.1%}, balanced accuracy "
+                      f"{row['balanced_accuracy']:.1%}")
+    bar.close()
