@@ -215,6 +215,19 @@ def interpolation_draw(seed: int, source_file: str, k: int, partners: list[int])
     return partners[int(rng.integers(len(partners)))], float(rng.random())
 
 
+def _settings(ckpt: Any, source: Path, config: VaryConfig, classes: list[str], sources: int) -> dict[str, Any]:
+    """The vary.json of a call: what defines its images (`_identity`) and how they were made."""
+    return {"package_version": __version__, "checkpoint": ckpt.digest,
+            "checkpoint_path": str(Path(ckpt.path).resolve()), "source": str(source.resolve()),
+            "n": None if config.balance else config.per_source, "sigma": config.noise, "seed": config.seed,
+            "class_name": config.class_name, "classes": classes, "sources": sources,
+            "interpolate": config.interpolate, "neighbours": config.neighbours if config.interpolate else None,
+            "balance": config.balance, "balance_to": config.balance_to,
+            "latent": ("z = mu_a + lam * (mu_b - mu_a) + sigma * eps, b a same-class latent neighbour of a, "
+                       "lam ~ U(0, 1), eps ~ N(0, I), all from (seed, source file, k)") if config.interpolate
+            else "z = mu + sigma * eps, eps ~ N(0, I) from (seed, source file, k)"}
+
+
 def vary(checkpoint: Any, source: str | Path, out: str | Path, config: VaryConfig | None = None,
          **options: Any) -> VarySummary:
     """Write `config.n` variations of every image of `source` (a file or a folder) into `out` (`augment-gan vary`),
@@ -272,14 +285,7 @@ def vary(checkpoint: Any, source: str | Path, out: str | Path, config: VaryConfi
             raise UserError(f"{outputs[name]} and {files[s]} would both write {name}; rename one of them")
         outputs[name] = files[s]
 
-    settings = {"package_version": __version__, "checkpoint": ckpt.digest, "checkpoint_path": str(Path(ckpt.path).resolve()),
-                "source": str(source.resolve()), "n": None if config.balance else config.per_source, "sigma": config.noise, "seed": config.seed,
-                "class_name": config.class_name, "classes": classes, "sources": len(files),
-                "interpolate": config.interpolate, "neighbours": config.neighbours if config.interpolate else None,
-                "balance": config.balance, "balance_to": config.balance_to,
-                "latent": ("z = mu_a + lam * (mu_b - mu_a) + sigma * eps, b a same-class latent neighbour of a, "
-                           "lam ~ U(0, 1), eps ~ N(0, I), all from (seed, source file, k)") if config.interpolate
-                else "z = mu + sigma * eps, eps ~ N(0, I) from (seed, source file, k)"}
+    settings = _settings(ckpt, source, config, classes, len(files))
     # A second vary into this folder would remove this one's temporaries: it is refused.
     with output_lock(out, "vary"):
         old, replace = check_out_folder(out, SETTINGS, overwrite=config.overwrite, settings=settings,
