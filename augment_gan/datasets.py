@@ -145,6 +145,7 @@ def _transformed(image, target, transform, target_transform):
         target = target_transform(target)
     return image, target
 
+
 def planned_empty(root: Path) -> set[str]:
     """Classes that a synth folder's plan gives no images (`synth --balance` skips the classes that need none):
     their absence is by design, not worth a warning."""

@@ -14,6 +14,7 @@ size and classifier seed, and is tested on the balanced set:
     synth-balance   real + `synth(run, out, balance=True)`: N - n_c generated images of class c
     interp-balance  real + `vary(run, train, out, interpolate=True, balance=True)`: latent interpolations
     synth-half      synthetic images fill half of each class's shortfall, oversampling the other half
+    oversample-synth  `oversample`, plus the synth-balance images as 25% of every batch, augmented like reals
 
 The synthetic arms sample the union of real and synthetic images uniformly (it is balanced already): each batch
 holds round(64 · S / (R + S)) synthetic images, which get the recipe's synthetic part, as in bench_fewshot.
@@ -74,9 +75,12 @@ MNIST in Dablain et al. 2022 (DeepSMOTE), on 1/40 of their data so that a CPU fi
 TEST_PER_CLASS = 200
 RECIPE = "standard"
 BASELINE = "oversample"
-ARMS = ("none", "oversample", "smote", "synth-balance", "interp-balance", "synth-half")
-SOURCES = {"synth-balance": "synth", "synth-half": "synth", "interp-balance": "interp"}
-"""Which synthetic set an arm draws on: both `synth` arms share one `synth --balance` output per seed."""
+ARMS = ("none", "oversample", "smote", "synth-balance", "interp-balance", "synth-half", "oversample-synth")
+SOURCES = {"synth-balance": "synth", "synth-half": "synth", "interp-balance": "interp", "oversample-synth": "synth"}
+"""Which synthetic set an arm draws on: the `synth` arms share one `synth --balance` output per seed."""
+ADDED_SHARE = {"oversample-synth": 0.25}
+"""Arms whose synthetic images come on top of a balanced real pool, at this share of every batch and with the
+recipe's full (real) augmentation: `oversample-synth` = `oversample` + 25% `synth --balance` images."""
 METRICS = {"acsa": "ACSA", "macro_f1": "macro-F1", "g_mean": "G-mean", "rare_recall": "recall, 5 rarest"}
 RARE = 5  # classes averaged in `rare_recall`
 GRID_CLASSES = 3  # rarest classes shown in the sample grids
@@ -259,6 +263,9 @@ def arm_pools(arm: str, x: np.ndarray, y: np.ndarray, seed: int, synthetic: dict
         return (*smote_resample(x, y, seed), None)
     if arm in ("synth-balance", "interp-balance"):
         return x, y, synthetic[SOURCES[arm]]
+    if arm == "oversample-synth":
+        idx = oversample_indices(y, [top] * len(counts), seed)
+        return x[idx], y[idx], synthetic["synth"]
     if arm == "synth-half":
         sx, sy = synthetic["synth"]
         # Half of each shortfall from the GAN (its first images: sample i depends only on i), the rest oversampled.
@@ -522,9 +529,10 @@ def _run(args, seeds: list[int], counts: list[int], arms: list[str], skipped: di
             x, y, extra = arm_pools(arm, x_tr, y_tr, seed, synthetic)
             ratio = 0.0
             if extra is not None and len(extra[0]):
-                ratio = len(extra[0]) / (len(x) + len(extra[0]))  # uniform over the union, up to rounding
-                model = train_classifier(x, y, extra=extra, synthetic_ratio=ratio, extra_recipe=synthetic_recipe,
-                                         **common)
+                # Uniform over the union, up to rounding; or a fixed share on top of a balanced real pool.
+                ratio = ADDED_SHARE.get(arm, len(extra[0]) / (len(x) + len(extra[0])))
+                model = train_classifier(x, y, extra=extra, synthetic_ratio=ratio,
+                                         extra_recipe=recipe if arm in ADDED_SHARE else synthetic_recipe, **common)
             else:
                 model = train_classifier(x, y, **common)
             cm = confusion(y_te, predict(model, x_te), len(classes))
