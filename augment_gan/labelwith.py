@@ -27,9 +27,10 @@ from augment_gan import __version__
 from augment_gan.errors import UserError
 from augment_gan.guard import output_lock
 from augment_gan.imagefile import DEFAULT_QUALITY, PNG_COMPRESSOR, ImageWriter, default_workers, readable_image
-from augment_gan.manifest import MANIFEST, ManifestRow, journal_name, manifest_files, read_manifest, write_manifest
+from augment_gan.manifest import MANIFEST, ManifestRow, journal_name, write_manifest
 from augment_gan.outputs import check_out_folder, class_folder, clear_outputs, write_json
 from augment_gan.pseudolabel import LabelerConfig, check_channels, read_labeled, train_labeler
+from augment_gan.resume import load_rows
 from augment_gan.synth import SynthSummary, _synth_owned  # the same files --overwrite may delete as synth
 from augment_gan.synthconfig import LAYOUT_VERSION, SETTINGS, SynthConfig
 
@@ -108,12 +109,7 @@ class _Set:
 def _done(out: Path, rows: _Set, n: int, resolution: int) -> tuple[list[ManifestRow], int]:
     """(the rows of candidates 0..L-1, L): the longest stretch of decided candidates whose kept images are the
     finals 0, 1, ... in order and decode (at most n kept)."""
-    found: dict[int, ManifestRow] = {}
-    for path in manifest_files(out):
-        for row in read_manifest(path, strict=False):  # a killed run's journal may end in a cut line
-            rebuilt = rows.rebuild(row)
-            if rebuilt is not None:
-                found[rebuilt.latent] = rebuilt  # type: ignore[index]
+    found = load_rows(out, rows)  # type: ignore[arg-type]  (a _Set rebuilds rows like synth's SetRows)
     done: list[ManifestRow] = []
     kept = 0
     while kept < n and len(done) in found:
