@@ -23,16 +23,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from augment_gan import __version__
 from augment_gan.errors import UserError
 from augment_gan.guard import output_lock
-from augment_gan.imagefile import DEFAULT_QUALITY, PNG_COMPRESSOR, ImageWriter, default_workers, readable_image
+from augment_gan.imagefile import ImageWriter, default_workers, readable_image
 from augment_gan.manifest import MANIFEST, ManifestRow, journal_name, write_manifest
 from augment_gan.outputs import check_out_folder, class_folder, clear_outputs, write_json
 from augment_gan.pseudolabel import LabelerConfig, check_channels, read_labeled, train_labeler
 from augment_gan.resume import load_rows
 from augment_gan.synth import SynthSummary, _synth_owned  # the same files --overwrite may delete as synth
-from augment_gan.synthconfig import LAYOUT_VERSION, SETTINGS, SynthConfig
+from augment_gan.synthconfig import SETTINGS, SynthConfig, sampling_settings, settings_head
 
 BLOCK = 256
 """Candidates labelled in one classifier forward, always the same ones (see the module docstring)."""
@@ -50,22 +49,12 @@ def _identity(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _settings(ckpt: Any, config: SynthConfig, labeled: Any, labeler: LabelerConfig) -> dict[str, Any]:
-    from augment_gan.sample import LATENT_SCHEME
-
     return {
-        "layout_version": LAYOUT_VERSION,
-        "package_version": __version__,
-        "checkpoint": {"path": str(Path(ckpt.path).resolve()), "digest": ckpt.digest},
+        **settings_head(ckpt),
         "classes": list(labeled.classes),
         "conditional": False,
         "n": config.n,
-        "seed": config.seed,
-        "truncation": config.truncation,
-        "truncation_method": "psi: z * psi (the prior's mean is 0)",
-        "latent_scheme": LATENT_SCHEME,
-        "format": config.format,
-        "quality": config.quality or DEFAULT_QUALITY[config.format],
-        "png_compressor": PNG_COMPRESSOR if config.format == "png" else None,
+        **sampling_settings(config, config.format),
         "resolution": ckpt.resolution,
         "channels": ckpt.channels,
         "label_with": {"labeled": str(labeled.root), "images": len(labeled), "confidence": config.label_confidence,

@@ -152,14 +152,26 @@ class SynthConfig:
 # ----------------------------------------------------------------------------------------------------
 # Settings (synth.json).
 
-def make_settings(ckpt: Any, plan: Plan, config: SynthConfig, dedup_real: Path | None) -> dict[str, Any]:
-    """The synth.json of a set (its `dedup_threshold` is filled in once the dedup index is built)."""
+def settings_head(ckpt: Any) -> dict[str, Any]:
+    """The first fields of every synth.json (`make_settings`, and `synth --label-with`'s): layout and checkpoint."""
+    return {"layout_version": LAYOUT_VERSION, "package_version": __version__,
+            "checkpoint": {"path": str(Path(ckpt.path).resolve()), "digest": ckpt.digest}}
+
+
+def sampling_settings(config: SynthConfig, ext: str) -> dict[str, Any]:
+    """How every synth.json's images are drawn and encoded: seed, truncation, latent scheme, format."""
     from augment_gan.sample import LATENT_SCHEME
 
+    return {"seed": config.seed, "truncation": config.truncation,
+            "truncation_method": "psi: z * psi (the prior's mean is 0)", "latent_scheme": LATENT_SCHEME,
+            "format": config.format, "quality": config.quality or DEFAULT_QUALITY[ext],
+            "png_compressor": PNG_COMPRESSOR if ext == "png" else None}
+
+
+def make_settings(ckpt: Any, plan: Plan, config: SynthConfig, dedup_real: Path | None) -> dict[str, Any]:
+    """The synth.json of a set (its `dedup_threshold` is filled in once the dedup index is built)."""
     return {
-        "layout_version": LAYOUT_VERSION,
-        "package_version": __version__,
-        "checkpoint": {"path": str(Path(ckpt.path).resolve()), "digest": ckpt.digest},
+        **settings_head(ckpt),
         "classes": list(ckpt.classes) if ckpt.num_classes else [],
         "conditional": bool(ckpt.num_classes),
         "selected_classes": [c for c in plan.classes if c is not None],
@@ -167,13 +179,7 @@ def make_settings(ckpt: Any, plan: Plan, config: SynthConfig, dedup_real: Path |
         "n": plan.n,
         "balance": {"to": config.balance_to, "training_counts": list(ckpt.meta.data.class_counts)}
                    if config.balance else None,
-        "seed": config.seed,
-        "truncation": config.truncation,
-        "truncation_method": "psi: z * psi (the prior's mean is 0)",
-        "latent_scheme": LATENT_SCHEME,
-        "format": config.format,
-        "quality": config.quality or DEFAULT_QUALITY[plan.ext],
-        "png_compressor": PNG_COMPRESSOR if plan.ext == "png" else None,
+        **sampling_settings(config, plan.ext),
         "images_per_tar": config.images_per_tar,
         "resolution": ckpt.resolution,
         "channels": ckpt.channels,
