@@ -17,13 +17,14 @@ after an interruption resumes where it stopped and never redoes a finished stage
    enough variations per image for the largest ratio. Each set is then a candidate at every ratio of `ratios`
    (the share of synthetic images per classifier batch), named "<set>@<ratio>".
 4. measure: the small CNN of `augment_gan.classifier` with `recipe`, `steps` steps, scored on the held-out
-   split. Seed s trains the real-only model and one real+candidate model per candidate, all with seed s, so
-   the differences are paired; the real-only model is trained once per seed and shared (same seed, same
-   model). Every score is appended to DIR/work/measure.jsonl as soon as it exists: an interruption loses at
+   split. Seed s trains the real-only model (and, when the classes are imbalanced, a real-only model with
+   class-balanced sampling) and one real+candidate model per candidate, all with seed s, so the differences
+   are paired; the real-only models are trained once per seed and shared (same seed, same model). Every score is appended to DIR/work/measure.jsonl as soon as it exists: an interruption loses at
    most the classifier that was training.
 5. decide (`augment_gan.decision`): accuracy, or balanced accuracy when the classes are imbalanced; the best
-   candidate whose mean paired gain is positive and larger than its standard error, else "no measurable
-   gain". DIR/decision.json holds every candidate's per-seed scores, the metric, the split, the choice and why.
+   candidate whose mean paired gain over the baseline is positive and larger than its standard error, else
+   "no measurable gain". The baseline is real-only training, with class-balanced sampling when the classes are
+   imbalanced (`decision.baseline_for`: balancing needs no GAN, so a synthetic set must beat it). DIR/decision.json holds every candidate's per-seed scores, the metric, the split, the choice and why.
 6. outputs: DIR/report.html (the run's `report` plus the decision table and per-class sample grids); when a
    candidate was chosen, DIR/synthetic (its set, manifest included) and DIR/recipe.yaml (`recipe` with the
    chosen ratio). With `merge`, DIR/merged: DATA (all of it) and the chosen set as an ImageFolder (`merge`).
@@ -59,8 +60,12 @@ from augment_gan.augmentconfig import (
     settings_identity,
 )
 from augment_gan.decision import (
+    BASELINES,
     IMBALANCE,
     METRICS,
+    REAL,
+    REAL_BALANCED,
+    baseline_for,
     class_grid,
     decide,
     decision_section,
@@ -102,6 +107,11 @@ class AugmentResult:
     """Its standard error over the seeds."""
     real_only: float
     """Mean metric of the real-only classifiers."""
+    baseline: str
+    """The arm the gain is measured over: `real`, or `real-balanced` (class-balanced sampling) on imbalanced
+    classes."""
+    baseline_score: float
+    """Mean metric of the baseline's classifiers."""
     seeds: int
     reason: str
     decision: str
@@ -296,8 +306,9 @@ def _load(run: _Run, folder: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
 def _stage_measure(run: _Run) -> None:
     train, val = _load(run, run.work / "train", "training"), _load(run, run.work / "val", "validation")
     sets = {s["name"]: _load(run, run.work / "candidates" / s["name"], "synthetic") for s in _sets(run)}
+    split = read_json(run.out / SPLIT) or {}
     measure(run.work / MEASURE, train, val, sets, _candidates(run), _seeds(run.config), len(run.scan.classes),
-            run.config, run.device)
+            run.config, run.device, balance=baseline_for(split["counts"]) == REAL_BALANCED)
 
 
 def _seeds(config: AugmentConfig) -> list[int]:
@@ -312,7 +323,8 @@ def _stage_decide(run: _Run) -> None:
               for s in _sets(run)}
     candidates = [{**c, "images": images[c["set"]]} for c in _candidates(run)]
     metric = metric_for(split["counts"])
-    decision = decide(read_results(run.work / MEASURE), candidates, metric, _seeds(config))
+    decision = decide(read_results(run.work / MEASURE), candidates, metric, _seeds(config),
+                      baseline=baseline_for(split["counts"]))
     decision.update({
         "imbalance": imbalance(split["counts"]),
         "split": {"file": str(run.out / SPLIT), "val_fraction": split["val_fraction"], "seed": split["seed"],
@@ -447,12 +459,14 @@ def _python_lines(data: Path, out: Path, ratio: float) -> list[str]:
 
 def _result(run: _Run, decision: dict[str, Any], resumed: list[str], seconds: float) -> AugmentResult:
     chosen = next((c for c in decision["candidates"] if c["name"] == decision["chosen"]), None)
-    out = run.out
+    out, baseline = run.out, decision.get("baseline", REAL)
     return AugmentResult(
         out=str(out), metric=decision["metric"], chosen=decision["chosen"],
         set=chosen["set"] if chosen else None, ratio=chosen["ratio"] if chosen else None,
         gain=chosen["gain"] if chosen else None, se=chosen["se"] if chosen else None,
-        real_only=decision["real_only"]["mean"], seeds=len(decision["seeds"]), reason=decision["reason"],
+        real_only=decision["real_only"]["mean"], baseline=baseline,
+        baseline_score=decision["real_balanced" if baseline == REAL_BALANCED else "real_only"]["mean"],
+        seeds=len(decision["seeds"]), reason=decision["reason"],
         decision=str(out / DECISION), report=str(out / REPORT),
         synthetic=str(out / "synthetic") if chosen else None, images=chosen["images"] if chosen else None,
         recipe=str(out / RECIPE) if chosen else None,
@@ -465,14 +479,19 @@ def format_result(result: AugmentResult) -> str:
     """The summary `augment-gan augment` prints."""
     r = result
     metric = METRICS[r.metric]
+    over = BASELINES[r.baseline]
     if r.chosen is None:
         lines = [f"No measurable gain: {r.reason}.",
-                 f"Real-only {metric}: {100 * r.real_only:.1f}%. Nothing to use; the report and the decision "
-                 "are all that was written."]
+                 f"{over[:1].upper() + over[1:]} {metric}: {100 * r.baseline_score:.1f}%"
+                 + (f" (without it {100 * r.real_only:.1f}%)" if r.baseline == REAL_BALANCED else "")
+                 + ". Nothing to use; the report and the decision are all that was written."]
+        if r.baseline == REAL_BALANCED:
+            lines.append("Train on your real images with class-balanced sampling (e.g. torch.utils.data."
+                         "WeightedRandomSampler with weight 1/n_class for an image of a class of n_class).")
     else:
         assert r.gain is not None and r.se is not None  # a chosen candidate has both
-        lines = [f"Gain: {100 * r.gain:+.2f} ± {100 * r.se:.2f} pp {metric} over real-only {100 * r.real_only:.1f}% "
-                 f"(mean ± SE of {r.seeds} paired seeds).",
+        lines = [f"Gain: {100 * r.gain:+.2f} ± {100 * r.se:.2f} pp {metric} over {over} "
+                 f"{100 * r.baseline_score:.1f}% (mean ± SE of {r.seeds} paired seeds).",
                  f"Chosen: {r.set} at synthetic ratio {r.ratio:g}: {r.synthetic} ({r.images} images), "
                  f"recipe {r.recipe}" + (f", merged ImageFolder {r.merged}" if r.merged else "") + ".",
                  "Use it in a torchvision pipeline (then DataLoader(mixed, sampler=ag.MixedSampler(mixed), ...)):",

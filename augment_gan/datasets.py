@@ -73,7 +73,7 @@ def default_loader(path: str | Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def _align_classes(own: list[str], class_to_idx: dict[str, int] | None, present: set[str], what: str
+def align_classes(own: list[str], class_to_idx: dict[str, int] | None, present: set[str], what: str
                    ) -> tuple[dict[str, int], list[str]]:
     """Map a synthetic set's class names onto a real set's `class_to_idx`.
 
@@ -105,7 +105,7 @@ def _align_classes(own: list[str], class_to_idx: dict[str, int] | None, present:
 # ----------------------------------------------------------------------------------------------------------
 # Synthetic images on disk.
 
-def _synth_settings(root: Path) -> dict[str, Any]:
+def synth_settings(root: Path) -> dict[str, Any]:
     """The synth.json of a synthetic folder."""
     path = root / SETTINGS
     try:
@@ -130,14 +130,14 @@ def as_size(size: Any) -> tuple[int, int] | None:
     return int(pair[0]), int(pair[1])
 
 
-def _resize(image: Image.Image, size: tuple[int, int] | None) -> Image.Image:
+def resize_to(image: Image.Image, size: tuple[int, int] | None) -> Image.Image:
     """Resize to (height, width), with the Lanczos filter the folder reader (augment_gan.data) uses."""
     if size is None or image.size == (size[1], size[0]):
         return image
     return image.resize((size[1], size[0]), Image.Resampling.LANCZOS)
 
 
-def _transformed(image, target, transform, target_transform):
+def apply_transforms(image, target, transform, target_transform):
     """(transform(image), target_transform(target)), each only when given: torchvision's convention."""
     if transform is not None:
         image = transform(image)
@@ -151,7 +151,7 @@ def planned_empty(root: Path) -> set[str]:
     their absence is by design, not worth a warning."""
     if not (root / SETTINGS).is_file():
         return set()
-    info = _synth_settings(root)
+    info = synth_settings(root)
     return {c for c, n in zip(info.get("selected_classes") or [], info.get("counts") or []) if n == 0}
 
 
@@ -163,7 +163,7 @@ def _synthetic_records(root: Path) -> tuple[list[dict[str, Any]], list[str], boo
     if not manifest.is_file():
         raise UserError(f"{root} has no {MANIFEST}, so it was not written by `augment-gan synth` "
                         "(for a plain folder of images use torchvision's ImageFolder)")
-    info = _synth_settings(root) if (root / SETTINGS).is_file() else {}
+    info = synth_settings(root) if (root / SETTINGS).is_file() else {}
     if info.get("format") == TAR_FORMAT:
         raise UserError(f"{root} holds tar shards (`synth --format tar`); read it with SyntheticTarDataset")
     records = [{**row.to_dict(), "_line": row.line} for row in read_manifest(manifest)]
@@ -218,7 +218,7 @@ class SyntheticImageFolder(VisionDataset):
         if len(usable) < len(kept):
             warnings.warn(f"{len(kept) - len(usable)} image(s) marked kept in {manifest} are missing on disk; "
                           "skipping them", stacklevel=2)
-        self.class_to_idx, self.classes = _align_classes(
+        self.class_to_idx, self.classes = align_classes(
             own, class_to_idx, {r["class"] for r in usable} | planned_empty(root), f"synthetic set {root}")
 
         self.root = root
@@ -242,11 +242,11 @@ class SyntheticImageFolder(VisionDataset):
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         path, target = self.samples[index]
-        image = _resize(self.loader(path), self.size)
+        image = resize_to(self.loader(path), self.size)
         if self.transforms is not None and not isinstance(self.transforms, StandardTransform):
             return self.transforms(image, target)  # a joint transform, given as `transforms=`
         # ImageFolder reads these two at every access, so code that swaps `dataset.transform` works here too.
-        return _transformed(image, target, self.transform, self.target_transform)
+        return apply_transforms(image, target, self.transform, self.target_transform)
 
     def __repr__(self) -> str:
         return f"SyntheticImageFolder({str(self.root)!r}, {len(self)} images, {len(self.classes)} classes)"
@@ -297,7 +297,7 @@ class GeneratorDataset(Dataset):
         own = list(ckpt.classes) if ckpt.num_classes else []
         self.gen_labels = self._labels(labels, own)  # checkpoint class index per item, or None
         present = set(own) if self.gen_labels is None else {own[i] for i in np.unique(self.gen_labels)}
-        self.class_to_idx, self.classes = _align_classes(own, class_to_idx, present, f"checkpoint {self.path}")
+        self.class_to_idx, self.classes = align_classes(own, class_to_idx, present, f"checkpoint {self.path}")
         if self.gen_labels is None:
             self.targets = [UNLABELED] * n
         else:
@@ -375,7 +375,7 @@ class GeneratorDataset(Dataset):
         image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
         if self.mode is not None and image.mode != self.mode:
             image = image.convert(self.mode)
-        return _transformed(_resize(image, self.size), self.targets[index], self.transform, self.target_transform)
+        return apply_transforms(resize_to(image, self.size), self.targets[index], self.transform, self.target_transform)
 
     def __repr__(self) -> str:
         return f"GeneratorDataset({str(self.path)!r}, n={self.n}, seed={self.seed})"

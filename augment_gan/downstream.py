@@ -132,17 +132,11 @@ def downstream(real_set, synth_set, config: EvaluateConfig, *, cache_dir=None,
 
 def probe(run: str | Path, real_dir: str | Path, config: EvaluateConfig, *, cache_dir=None,
           log: Callable[[str], None] = _log.info) -> dict[str, Any]:
-    """Linear-probe accuracy of a trained discriminator's `D.features` on the labeled real folder, next to
-    the same probe on a randomly initialised D of the same architecture: the D the run started from (its config
-    and seed, built as `fit` builds it), so the difference is what training taught D."""
-    import torch
-
+    """Linear-probe accuracy of a trained discriminator's `D.features` on the labeled real folder, split by
+    `config.test_fraction`, next to a randomly initialised D (`probe_discriminator`)."""
     from augment_gan.checkpoint import load_checkpoint
     from augment_gan.classifier import stratified_split
     from augment_gan.data import ReadOptions, load_folder
-    from augment_gan.features import discriminator_extractor
-    from augment_gan.metrics import linear_probe
-    from augment_gan.models import build_networks
 
     ckpt = load_checkpoint(run)
     data = load_folder(real_dir, ReadOptions.from_checkpoint(ckpt), cache_dir=cache_dir, progress=False)
@@ -150,16 +144,32 @@ def probe(run: str | Path, real_dir: str | Path, config: EvaluateConfig, *, cach
         raise UserError("--probe needs a real folder with at least two class subfolders")
     images, labels = np.asarray(data.images), np.asarray(data.labels)
     tr, te = stratified_split(labels, config.test_fraction, config.seed)
+    result = {"checkpoint": str(ckpt.path), "digest": ckpt.digest, "classes": len(data.classes)}
+    return {**result, **probe_discriminator(ckpt, (images[tr], labels[tr]), (images[te], labels[te]),
+                                            steps=config.probe_steps, seed=config.seed, device=config.device, log=log)}
+
+
+def probe_discriminator(ckpt: Any, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], *,
+                        steps: int = 300, seed: int = 0, device: str = "cpu",
+                        log: Callable[[str], None] = _log.info) -> dict[str, Any]:
+    """Linear-probe test accuracy on `D.features` of the checkpoint's trained D, next to the same probe on a
+    randomly initialised D of the same architecture: the D the run started from (its config and seed, built as
+    `fit` builds it), so the difference is what training taught D. `train`/`test`: (uint8 N×H×W×C, labels)."""
+    import torch
+
+    from augment_gan.features import discriminator_extractor
+    from augment_gan.metrics import linear_probe
+    from augment_gan.models import build_networks
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ckpt.config.seed)  # as train._build: G, D, E from the run's seed
         _, random_d, _ = build_networks(ckpt.config, ckpt.channels, ckpt.num_classes)
-    result = {"checkpoint": str(ckpt.path), "digest": ckpt.digest, "n_train": len(tr), "n_test": len(te),
-              "classes": len(data.classes), "random_d_seed": ckpt.config.seed}
+    result: dict[str, Any] = {"n_train": len(train[0]), "n_test": len(test[0]), "random_d_seed": ckpt.config.seed}
     for name, D in (("trained_d", ckpt.D), ("random_d", random_d)):
-        f = discriminator_extractor(D, name=name, device=config.device)(images)
-        result[name] = linear_probe(f[tr], labels[tr], f[te], labels[te], steps=config.probe_steps, seed=config.seed)
+        extract = discriminator_extractor(D, name=name, device=device)
+        f_tr, f_te = extract(train[0]), extract(test[0])
+        result[name] = linear_probe(f_tr, train[1], f_te, test[1], steps=steps, seed=seed)
         log(f"probe {name.replace('_', ' ')}: {result[name]:.1%}")
-    result["feature_dim"] = int(f.shape[1])
+    result["feature_dim"] = int(f_tr.shape[1])
     result["gain"] = result["trained_d"] - result["random_d"]
     return result

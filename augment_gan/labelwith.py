@@ -30,7 +30,7 @@ from augment_gan.manifest import MANIFEST, ManifestRow, journal_name, write_mani
 from augment_gan.outputs import check_out_folder, class_folder, clear_outputs, write_json
 from augment_gan.pseudolabel import LabelerConfig, check_channels, read_labeled, train_labeler
 from augment_gan.resume import load_rows
-from augment_gan.synth import SynthSummary, _synth_owned  # the same files --overwrite may delete as synth
+from augment_gan.synth import SynthSummary, synth_owned  # the files --overwrite may delete, as synth
 from augment_gan.synthconfig import SETTINGS, SynthConfig, sampling_settings, settings_head
 
 BLOCK = 256
@@ -134,7 +134,7 @@ def label_with(ckpt: Any, out: Path, config: SynthConfig, shard: tuple[int, int]
                                         identity=_identity)
         if replace:  # only reached with --overwrite
             folders = sorted({*((old or {}).get("classes") or []), *((old or {}).get("selected_classes") or [])})
-            clear_outputs(out, _synth_owned, folders=folders)
+            clear_outputs(out, synth_owned, folders=folders)
         if old != settings:
             write_json(out / SETTINGS, settings)
         for folder in [out, *(out / c for c in classes)]:

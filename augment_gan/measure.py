@@ -1,5 +1,6 @@
-"""Measuring synthetic sets by training on them: per seed, one real-only classifier and one real+candidate
-classifier per candidate, all with that seed (paired), each scored on the same held-out real images.
+"""Measuring synthetic sets by training on them: per seed, one real-only classifier (and, for imbalanced
+classes, one with class-balanced sampling) and one real+candidate classifier per candidate, all with that seed
+(paired), each scored on the same held-out real images.
 
 `augment` (`augment_gan.augment`) calls `measure`; the rule that reads the scores is `augment_gan.decision`.
 Every score is appended to a JSONL file as soon as it exists, and `measure` skips the (candidate, seed) pairs
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from augment_gan.decision import REAL, scores
+from augment_gan.decision import REAL, REAL_BALANCED, scores
 from augment_gan.errors import UserError
 
 if TYPE_CHECKING:
@@ -70,10 +71,26 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def balanced(train: Arrays, seed: int) -> Arrays:
+    """`train` with every class's images repeated up to the largest class's count (random oversampling: each
+    image appears within one time of every other image of its class), for the `REAL_BALANCED` arm."""
+    images, labels = train
+    counts = np.bincount(labels)
+    top = int(counts.max())
+    rng = np.random.default_rng(seed)
+    idx = []
+    for c in np.flatnonzero(counts):
+        members = np.flatnonzero(labels == c)
+        reps, rest = divmod(top, len(members))
+        idx += [np.tile(members, reps), rng.choice(members, rest, replace=False)]
+    order = np.concatenate(idx)
+    return images[order], labels[order]
+
+
 def train_and_score(name: str, train: Arrays, val: Arrays, extra: Arrays | None, ratio: float, seed: int,
                     config: AugmentConfig, recipes: tuple[Any, Any, str], num_classes: int, device: str,
                     bar: Any) -> dict[str, Any]:
-    """Classifier `name` (a candidate, or `REAL` without `extra`) of seed `seed`, trained and scored on the
+    """Classifier `name` (a candidate, or a real-only arm without `extra`) of seed `seed`, trained and scored on the
     held-out images (`decision.scores`)."""
     from augment_gan.classifier import predict, train_classifier
 
@@ -85,31 +102,37 @@ def train_and_score(name: str, train: Arrays, val: Arrays, extra: Arrays | None,
 
 
 def measure(path: Path, train: Arrays, val: Arrays, sets: dict[str, Arrays], candidates: list[dict[str, Any]],
-            seeds: list[int], num_classes: int, config: AugmentConfig, device: str) -> None:
-    """Append to `path` the score of every (candidate, seed) and (`REAL`, seed) it does not hold yet.
+            seeds: list[int], num_classes: int, config: AugmentConfig, device: str, *,
+            balance: bool = False) -> None:
+    """Append to `path` the score of every (candidate, seed), (`REAL`, seed) and, with `balance`,
+    (`REAL_BALANCED`, seed) it does not hold yet.
 
-    `candidates`: {"name", "set" (a key of `sets`), "ratio"} each. Seed by seed, real-only first, so an
+    `candidates`: {"name", "set" (a key of `sets`), "ratio"} each. Seed by seed, the real-only arms first, so an
     interruption leaves complete pairs behind.
     """
     from augment_gan.downstream import downstream_recipes, step_bar
     from augment_gan.evaluate import torch_threads
 
+    real_arms = [{"name": REAL, "set": None, "ratio": 0.0}]
+    pools = {REAL: train}
+    if balance:
+        real_arms.append({"name": REAL_BALANCED, "set": None, "ratio": 0.0})
+        pools[REAL_BALANCED] = balanced(train, config.seed)
     done = {(r["candidate"], r["seed"]) for r in read_results(path)}
-    jobs = [(c, seed) for seed in seeds for c in [None, *candidates]
-            if (c["name"] if c else REAL, seed) not in done]
+    jobs = [(c, seed) for seed in seeds for c in [*real_arms, *candidates] if (c["name"], seed) not in done]
     if done:
         _log.info(f"{len(done)} classifiers already measured; {len(jobs)} to go")
     recipes = downstream_recipes(config.recipe, config.seed)
     bar = step_bar(len(jobs) * config.steps, "classifiers", config.progress)
     with torch_threads(config.threads, device), open(path, "a") as log:
         for c, seed in jobs:
-            name = c["name"] if c else REAL
-            row = {"candidate": name, "seed": seed,
-                   **train_and_score(name, train, val, sets[c["set"]] if c else None, c["ratio"] if c else 0.0,
-                                     seed, config, recipes, num_classes, device, bar)}
+            extra = sets[c["set"]] if c["set"] is not None else None
+            row = {"candidate": c["name"], "seed": seed,
+                   **train_and_score(c["name"], pools.get(c["name"], train), val, extra, c["ratio"], seed, config,
+                                     recipes, num_classes, device, bar)}
             log.write(json.dumps(row) + "\n")
             log.flush()
             os.fsync(log.fileno())   # a score on disk is a classifier never trained again
-            _log.info(f"seed {seed} {name}: accuracy {row['accuracy']:.1%}, balanced accuracy "
+            _log.info(f"seed {seed} {c['name']}: accuracy {row['accuracy']:.1%}, balanced accuracy "
                       f"{row['balanced_accuracy']:.1%}")
     bar.close()

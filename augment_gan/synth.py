@@ -130,7 +130,7 @@ class _Run:
         return self.config.keep_top is not None or self.config.dedup
 
 
-def _synth_owned(rel: str) -> bool:
+def synth_owned(rel: str) -> bool:
     """A file name synth writes (what `--overwrite` may delete): images, tar shards, their temporaries,
     manifests."""
     folder, _, name = rel.rpartition("/")
@@ -146,7 +146,7 @@ def _prepare_folder(run: _Run, plan: Plan, settings: dict[str, Any], old: dict[s
     out = run.out
     out.mkdir(parents=True, exist_ok=True)
     if replace:  # only reached with --overwrite
-        clear_outputs(out, _synth_owned, folders=(old or {}).get("selected_classes") or [])
+        clear_outputs(out, synth_owned, folders=(old or {}).get("selected_classes") or [])
         old = None
     clean_stale_tmp(out, plan, run.shard)
     if old is None or old != settings:

@@ -17,12 +17,12 @@ from torch.utils.data import Dataset
 
 from augment_gan.datasets import (
     UNLABELED,
-    _align_classes,
-    _resize,
-    _synth_settings,
-    _transformed,
+    align_classes,
+    apply_transforms,
     as_size,
     planned_empty,
+    resize_to,
+    synth_settings,
 )
 from augment_gan.errors import UserError
 from augment_gan.manifest import MANIFEST, ManifestRow
@@ -54,7 +54,7 @@ class SyntheticTarDataset(Dataset):
             raise UserError(f"synthetic folder not found: {root}")
         if mode not in (None, "RGB", "L"):
             raise UserError(f"mode must be 'RGB', 'L' or None, got {mode!r}")
-        info = _synth_settings(root)
+        info = synth_settings(root)
         if info.get("format") != TAR_FORMAT:
             raise UserError(f"{root} was not written by `augment-gan synth --format tar` (its synth.json says "
                             f"format {info.get('format')!r}); read it with SyntheticImageFolder")
@@ -90,7 +90,7 @@ class SyntheticTarDataset(Dataset):
         self._shard, self._offset, self._size, self._json_offset, self._json_size = rows[:, 1:6].T.copy()
         labels = rows[:, 6]
         present = ({own[i] for i in np.unique(labels)} | planned_empty(root)) if own else set()
-        self.class_to_idx, self.classes = _align_classes(own, class_to_idx, present, f"synthetic set {root}")
+        self.class_to_idx, self.classes = align_classes(own, class_to_idx, present, f"synthetic set {root}")
         if own:
             remap = np.array([self.class_to_idx[name] for name in own], dtype=np.int64)
             self.targets = remap[labels].tolist()
@@ -122,7 +122,7 @@ class SyntheticTarDataset(Dataset):
             image = image.convert(self.mode)
         else:
             image.load()
-        return _transformed(_resize(image, self.size), self.targets[index], self.transform, self.target_transform)
+        return apply_transforms(resize_to(image, self.size), self.targets[index], self.transform, self.target_transform)
 
     def row(self, index: int) -> ManifestRow:
         """Item `index`'s manifest row, read from its shard."""

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from augment_gan.augment import AugmentConfig, augment, format_result, plan_sets
 from augment_gan.cli import app
-from augment_gan.decision import REAL, decide, metric_for, paired_gain, scores
+from augment_gan.decision import REAL, REAL_BALANCED, decide, metric_for, paired_gain, scores
 from augment_gan.errors import UserError
 
 from fixtures_run import TINY_NETS
@@ -62,13 +62,18 @@ def _stop(*args, **kwargs):
 
 
 def fixed_scores(gains: dict[str, list[float]], calls: list[str] | None = None):
-    """A `train_and_score` that trains nothing: real-only scores 0.5 + 0.01·seed, candidate `name` that plus
-    gains[name][seed] (-0.01 for candidates not named)."""
+    """A `train_and_score` that trains nothing: real-only scores 0.5 + 0.01·seed (with class-balanced sampling
+    too, unless gains names `REAL_BALANCED`), candidate `name` that plus gains[name][seed] (-0.01 for candidates
+    not named)."""
     def score(name, train, val, extra, ratio, seed, config, recipes, num_classes, device, bar):
-        assert (extra is None) == (name == REAL) and len(val[0]) == len(val[1])
+        assert (extra is None) == (name in (REAL, REAL_BALANCED)) and len(val[0]) == len(val[1])
+        if name == REAL_BALANCED:  # every class of the training part repeated up to the largest one's count
+            counts = np.bincount(train[1])
+            assert len(set(counts[counts > 0].tolist())) == 1 and len(train[0]) == len(train[1])
         if calls is not None:
             calls.append(f"{name}/{seed}")
-        value = 0.5 + 0.01 * seed + (0.0 if name == REAL else gains.get(name, [-0.01] * 10)[seed])
+        default = [0.0] * 10 if name in (REAL, REAL_BALANCED) else [-0.01] * 10
+        value = 0.5 + 0.01 * seed + gains.get(name, default)[seed]
         return {"accuracy": value, "balanced_accuracy": value, "recall": [value] * num_classes}
     return score
 
@@ -224,7 +229,9 @@ def test_a_chosen_candidate_is_written_with_its_recipe_and_merges_on_request(res
     decision = json.loads((out / "decision.json").read_text())
     noisy = next(c for c in decision["candidates"] if c["name"] == "synth@0.25")
     assert noisy["gain"] == pytest.approx(0.05) and not noisy["measurable"]     # SE 8.7 pp
-    assert "Gain: +10.00 ± 1.15 pp balanced accuracy (ACSA) over real-only" in format_result(result)
+    assert ("Gain: +10.00 ± 1.15 pp balanced accuracy (ACSA) over real-only with class-balanced sampling"
+            in format_result(result))
+    assert decision["baseline"] == REAL_BALANCED and result.baseline == REAL_BALANCED
 
     import augment_gan as ag
 
@@ -251,6 +258,22 @@ def test_no_measurable_gain_writes_the_report_and_decision_only(resumed_copy, ta
     assert "No measurable gain" in (out / "report.html").read_text()
 
 
+def test_on_imbalanced_classes_a_set_must_beat_class_balanced_sampling(resumed_copy, tail, monkeypatch):
+    out = resumed_copy
+    # The set gains 5 points over plain real-only training, but balancing the real images gains 8.
+    gains = {REAL_BALANCED: [0.08, 0.08, 0.08], "synth-balance@0.5": [0.05, 0.06, 0.04]}
+    monkeypatch.setattr(MEASURE, "train_and_score", fixed_scores(gains))
+    result = augment(tail, out, seeds=3, **FAST)
+    assert result.chosen is None and result.baseline == REAL_BALANCED
+    assert result.baseline_score == pytest.approx(0.59) and result.real_only == pytest.approx(0.51)
+    decision = json.loads((out / "decision.json").read_text())
+    row = next(c for c in decision["candidates"] if c["name"] == "synth-balance@0.5")
+    assert row["gain"] == pytest.approx(-0.03) and row["vs_real"]["gain"] == pytest.approx(0.05)
+    text = format_result(result)
+    assert "over real-only with class-balanced sampling" in result.reason and "WeightedRandomSampler" in text
+    assert "class-balanced sampling" in (out / "report.html").read_text()
+
+
 def test_an_interrupted_measurement_keeps_every_finished_classifier(resumed_copy, tail, monkeypatch):
     out = resumed_copy
     calls: list[str] = []
@@ -269,11 +292,11 @@ def test_an_interrupted_measurement_keeps_every_finished_classifier(resumed_copy
     first = list(calls)
     monkeypatch.setattr(MEASURE, "train_and_score", score)
     result = augment(tail, out, seeds=3, **FAST)
-    assert first == ["real/0", "synth@0.25/0", "synth@0.5/0"]
-    assert len(calls) == 3 + 3 * 7 - 3 and not set(first) & set(calls[3:])   # nothing measured twice
+    assert first == ["real/0", "real-balanced/0", "synth@0.25/0"]   # imbalanced: both real-only arms first
+    assert len(calls) == 3 + 3 * 8 - 3 and not set(first) & set(calls[3:])   # nothing measured twice
     assert result.resumed == ["split", "fit", "candidates"] and result.chosen is None
     rows = (out / "work" / "measure.jsonl").read_text().splitlines()
-    assert len(rows) == 21 and all(json.loads(row) for row in rows)
+    assert len(rows) == 24 and all(json.loads(row) for row in rows)
 
 
 def test_a_finished_fit_that_was_not_recorded_is_not_run_again(resumed_copy, tail, monkeypatch):
