@@ -70,7 +70,8 @@ def _imports(folder: Path) -> set[str]:
                 found.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 found.add(node.module.split(".")[0])
-    local = {"augment_gan", "dcgan_reference", "__future__"}
+    scripts = {script.stem for script in (REPO / "benchmarks").glob("*.py")}  # benchmarks import each other
+    local = {"augment_gan", "__future__", *scripts}
     return {name for name in found - local if name not in sys.stdlib_module_names}
 
 
