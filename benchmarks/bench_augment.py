@@ -65,18 +65,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-# One long-tailed draw and one way to copy a subset, shared with bench_imbalance.
-from bench_imbalance import (
-    COUNTS,
-    SHARED_DATA,
-    _ints,
-    draw_longtail,
-    write_subset,
-)
 
 from augment_gan import __version__
-from augment_gan.atomic import write_bytes_atomic
 from augment_gan.augment import DECISION, AugmentConfig, augment
 from augment_gan.classifier import stratified_split
 from augment_gan.config import load_config_file
@@ -87,6 +77,10 @@ from augment_gan.downstream import align_labels, downstream_recipes, step_bar
 from augment_gan.errors import UserError
 from augment_gan.evaluate import torch_threads
 from augment_gan.measure import balanced, load_labeled, read_options, train_and_score
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+from bench_imbalance import COUNTS, SHARED_DATA, draw_longtail  # noqa: E402  (the long-tailed draw, shared)
+from benchkit import finish, numbers, save_results, write_subset  # noqa: E402
 
 FOLDERS = ("fewshot", "longtail", "emoji")
 SOURCE = {"fewshot": "mnist", "longtail": "mnist", "emoji": "emoji"}
@@ -156,7 +150,7 @@ def draw(folder: str, labels: np.ndarray, seed: int, args: argparse.Namespace) -
     if folder == "emoji":
         return stratified_split(labels, args.test_fraction, seed)
     num_classes = int(labels.max()) + 1
-    counts = [args.shots] * num_classes if folder == "fewshot" else _ints(args.counts, "counts", 1)
+    counts = [args.shots] * num_classes if folder == "fewshot" else numbers(args.counts, "counts", minimum=1)
     if len(counts) != num_classes:
         raise UserError(f"--counts lists {len(counts)} numbers but the digit folder has {num_classes} classes")
     return draw_longtail(labels, counts, args.test_per_class or TEST_PER_CLASS[folder], seed)
@@ -439,8 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     args.command = "python benchmarks/bench_augment.py " + " ".join(argv)
     try:
         folders = parse_folders(args.folders)
-        seeds = _ints(args.seeds, "seeds", 0)
-        _ints(args.counts, "counts", 1)
+        seeds = numbers(args.seeds, "seeds")
+        numbers(args.counts, "counts", minimum=1)
         if args.shots < 1 or (args.test_per_class is not None and args.test_per_class < 1):
             raise UserError("--shots and --test-per-class must be >= 1")
         if not 0 < args.test_fraction < 1:
@@ -478,10 +472,9 @@ def _run(args, folders: list[str], seeds: list[int], scans: dict, draws: dict, b
     for folder in folders:
         for seed in seeds:
             results["runs"].append(run_folder(folder, seed, scans[SOURCE[folder]], draws[folder, seed], base, out))
-            write_bytes_atomic(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+            save_results(out, results)
     table = markdown_table(results)
-    write_bytes_atomic(out / "table.md", (table + "\n").encode())
-    print(table)
+    finish(out, table)
     return 0
 
 

@@ -44,7 +44,6 @@ import datetime as _dt
 import io
 import json
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -65,6 +64,9 @@ from augment_gan.recipes import load_recipe
 from augment_gan.synth import SynthConfig, synth
 from augment_gan.train import fit
 from augment_gan.vary import VaryConfig, vary
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+from benchkit import finish, save_results, stats, write_subset  # noqa: E402
 
 RESOLUTION = 32
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data beside the repo
@@ -159,13 +161,6 @@ def draw_shots(labels: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.nd
     return train, np.setdiff1d(np.arange(len(labels)), train)
 
 
-def write_subset(root: Path, files: list[str], out: Path) -> None:
-    """Copy `files` (relative paths under `root`, class subfolders kept) into `out` for `fit`."""
-    for rel in files:
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(root / rel, out / rel)
-
-
 def synthesize(args: argparse.Namespace, ckpt: Checkpoint, train_folder: Path, n_train: int, out: Path, seed: int,
                classes: list[str], channels: int, n: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """Write `n` synthetic images to `out` with `synth` (or `vary` of the `n_train` images in `train_folder`), read
@@ -196,11 +191,6 @@ def save_png(images: np.ndarray, path: Path) -> None:
     buf = io.BytesIO()
     Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buf, format="PNG")
     write_bytes_atomic(path, buf.getvalue())
-
-
-def stats(values: list[float]) -> dict:
-    a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "runs": a.tolist()}
 
 
 def _source_text(results: dict) -> str:
@@ -381,11 +371,10 @@ def _run(args, shots: list[int], ratios: list[float], base: TrainConfig, out: Pa
                 "synthetic_summary": first["synthetic_summary"],
                 "classifier_seeds": cls_seeds, "real_only": real_only, "mixed": mixed,
                 "real_only_runs": real_runs, "mixed_runs": mixed_runs})
-            write_bytes_atomic(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+            save_results(out, results)
 
     table = markdown_table(results)
-    write_bytes_atomic(out / "table.md", (table + "\n").encode())
-    print(table)
+    finish(out, table)
     return 0
 
 

@@ -41,9 +41,7 @@ import argparse
 import dataclasses
 import datetime as _dt
 import io
-import json
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -66,6 +64,9 @@ from augment_gan.recipes import load_recipe
 from augment_gan.synth import SynthConfig, synth
 from augment_gan.train import fit
 from augment_gan.vary import VaryConfig, vary
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+from benchkit import finish, numbers, save_results, stats, write_subset  # noqa: E402
 
 RESOLUTION = 32  # the GAN's; the 28 px digits are read at 32 px (`load_folder`) so every arm trains at one size
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data beside the repo
@@ -117,16 +118,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def log(msg: str) -> None:
     print(f"[bench_imbalance {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _ints(text: str, what: str, minimum: int) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--{what} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < minimum:
-        raise UserError(f"--{what} must list integers >= {minimum}, got {text!r}")
-    return values
 
 
 def parse_arms(text: str) -> list[str]:
@@ -280,13 +271,6 @@ def arm_pools(arm: str, x: np.ndarray, y: np.ndarray, seed: int, synthetic: dict
 # Synthetic sets: generation, memorisation and grids.
 
 
-def write_subset(root: Path, files: list[str], out: Path) -> None:
-    """Copy `files` (relative paths under `root`, class subfolders kept) into `out` for `fit` and `vary`."""
-    for rel in files:
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(root / rel, out / rel)
-
-
 def make_synthetic(source: str, ckpt, train_folder: Path, out: Path, seed: int, args, classes: list[str],
                    channels: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """Write the seed's balancing set with the product (`synth` or `vary`), read it back like a user would;
@@ -337,11 +321,6 @@ def class_grid(real: np.ndarray, fake: np.ndarray, path: Path, ncols: int = 10, 
 
 # ----------------------------------------------------------------------------------------------------
 # Summary and table.
-
-
-def stats(values: list[float]) -> dict:
-    a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "runs": a.tolist()}
 
 
 def summarise(results: dict) -> dict:
@@ -428,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.command = "python benchmarks/bench_imbalance.py " + " ".join(argv)
     try:
-        seeds = _ints(args.seeds, "seeds", 0)
-        counts = _ints(args.counts, "counts", 1)
+        seeds = numbers(args.seeds, "seeds")
+        counts = numbers(args.counts, "counts", minimum=1)
         arms = parse_arms(args.arms)
         if min(args.classifier_steps, args.threads, args.test_per_class) < 1 or args.batch_size < 2:
             raise UserError("--classifier-steps, --threads and --test-per-class must be >= 1, --batch-size >= 2")
@@ -545,11 +524,10 @@ def _run(args, seeds: list[int], counts: list[int], arms: list[str], skipped: di
                 f"rarest-5 recall {r['rare_recall']:.1%} ({r['seconds']:.0f} s)")
         results["runs"].append(run)
         results.update(summarise(results))
-        write_bytes_atomic(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+        save_results(out, results)
 
     table = markdown_table(results)
-    write_bytes_atomic(out / "table.md", (table + "\n").encode())
-    print(table)
+    finish(out, table)
     return 0
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import platform
 import shutil
 import sys
@@ -51,7 +50,6 @@ import numpy as np
 import torch
 
 from augment_gan import __version__
-from augment_gan.atomic import write_bytes_atomic
 from augment_gan.checkpoint import load_checkpoint
 from augment_gan.classifier import accuracy, predict_confidence, train_classifier
 from augment_gan.config import TrainConfig
@@ -63,6 +61,9 @@ from augment_gan.recipes import load_recipe
 from augment_gan.synth import SynthConfig, synth
 from augment_gan.train import fit
 from augment_gan.vary import VaryConfig, vary
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+from benchkit import finish, numbers, save_results, stats  # noqa: E402
 
 RESOLUTION = 32  # the GAN's; the 28 px digits are read at 32 px so every arm trains at one size
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data beside the repo
@@ -105,16 +106,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def log(msg: str) -> None:
     print(f"[bench_pool {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _list(text: str, what: str, kind=int, minimum=0) -> list:
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--{what} must be comma-separated numbers, got {text!r}") from None
-    if not values or min(values) < minimum:
-        raise UserError(f"--{what} must list numbers >= {minimum}, got {text!r}")
-    return list(dict.fromkeys(values))
 
 
 def parse_sets(text: str) -> list[str]:
@@ -194,11 +185,6 @@ def make_set(name: str, ckpt, labeled_dir: Path, out: Path, seed: int, args, cla
     return np.ascontiguousarray(data.images), remap[np.asarray(data.labels)], summary.to_dict()
 
 
-def stats(values: list[float]) -> dict:
-    a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "runs": a.tolist()}
-
-
 def summarise(results: dict) -> dict:
     """Per arm: accuracy and paired gain over `real` (mean ± std over seeds); the best synthetic arm."""
     runs = results["runs"]
@@ -268,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.command = "python benchmarks/bench_pool.py " + " ".join(argv)
     try:
-        seeds = _list(args.seeds, "seeds")
-        ratios = _list(args.ratios, "ratios", float)
+        seeds = numbers(args.seeds, "seeds", unique=True)
+        ratios = numbers(args.ratios, "ratios", float, unique=True)
         sets = parse_sets(args.sets)
         if not all(0 < r < 1 for r in [*ratios, args.combine_ratio]):
             raise UserError("--ratios and --combine-ratio must be in (0, 1)")
@@ -381,11 +367,10 @@ def _run(args, seeds: list[int], ratios: list[float], sets: list[str], base: Tra
 
         results["runs"].append(run)
         results.update(summarise(results))
-        write_bytes_atomic(out / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+        save_results(out, results)
 
     table = markdown_table(results)
-    write_bytes_atomic(out / "table.md", (table + "\n").encode())
-    print(table)
+    finish(out, table)
     return 0
 
 
