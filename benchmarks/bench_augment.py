@@ -80,7 +80,7 @@ from augment_gan.measure import balanced, load_labeled, read_options, train_and_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
 from bench_imbalance import COUNTS, SHARED_DATA, draw_longtail  # noqa: E402  (the long-tailed draw, shared)
-from benchkit import finish, numbers, save_results, write_subset  # noqa: E402
+from benchkit import choices, finish, numbers, save_results, write_subset  # noqa: E402
 
 FOLDERS = ("fewshot", "longtail", "emoji")
 SOURCE = {"fewshot": "mnist", "longtail": "mnist", "emoji": "emoji"}
@@ -131,14 +131,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def log(msg: str) -> None:
     print(f"[bench_augment {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def parse_folders(text: str) -> list[str]:
-    folders = [f.strip() for f in text.split(",") if f.strip()]
-    unknown = [f for f in folders if f not in FOLDERS]
-    if unknown or not folders:
-        raise UserError(f"unknown folder(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(FOLDERS)}")
-    return list(dict.fromkeys(folders))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -432,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.command = "python benchmarks/bench_augment.py " + " ".join(argv)
     try:
-        folders = parse_folders(args.folders)
+        folders = choices(args.folders, "folder", FOLDERS)
         seeds = numbers(args.seeds, "seeds")
         numbers(args.counts, "counts", minimum=1)
         if args.shots < 1 or (args.test_per_class is not None and args.test_per_class < 1):

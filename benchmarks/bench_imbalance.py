@@ -66,7 +66,7 @@ from augment_gan.train import fit
 from augment_gan.vary import VaryConfig, vary
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from benchkit import finish, numbers, save_results, stats, write_subset  # noqa: E402
+from benchkit import choices, finish, numbers, save_results, stats, write_subset  # noqa: E402
 
 RESOLUTION = 32  # the GAN's; the 28 px digits are read at 32 px (`load_folder`) so every arm trains at one size
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data beside the repo
@@ -118,14 +118,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def log(msg: str) -> None:
     print(f"[bench_imbalance {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def parse_arms(text: str) -> list[str]:
-    arms = [a.strip() for a in text.split(",") if a.strip()]
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown or not arms:
-        raise UserError(f"unknown arm(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ARMS)}")
-    return list(dict.fromkeys(arms))  # once each, in the order given
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -409,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         seeds = numbers(args.seeds, "seeds")
         counts = numbers(args.counts, "counts", minimum=1)
-        arms = parse_arms(args.arms)
+        arms = choices(args.arms, "arm", ARMS)
         if min(args.classifier_steps, args.threads, args.test_per_class) < 1 or args.batch_size < 2:
             raise UserError("--classifier-steps, --threads and --test-per-class must be >= 1, --batch-size >= 2")
         budget = ({"kimg": args.fit_kimg, "minutes": None} if args.fit_kimg

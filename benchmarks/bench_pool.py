@@ -63,7 +63,7 @@ from augment_gan.train import fit
 from augment_gan.vary import VaryConfig, vary
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from benchkit import finish, numbers, save_results, stats  # noqa: E402
+from benchkit import choices, finish, numbers, save_results, stats  # noqa: E402
 
 RESOLUTION = 32  # the GAN's; the 28 px digits are read at 32 px so every arm trains at one size
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data beside the repo
@@ -106,14 +106,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def log(msg: str) -> None:
     print(f"[bench_pool {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def parse_sets(text: str) -> list[str]:
-    sets = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in sets if s not in SETS]
-    if unknown or not sets:
-        raise UserError(f"unknown set(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(SETS)}")
-    return list(dict.fromkeys(sets))
 
 
 def draw_pool(labels: np.ndarray, labeled_per_class: int, test_per_class: int, seed: int
@@ -256,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         seeds = numbers(args.seeds, "seeds", unique=True)
         ratios = numbers(args.ratios, "ratios", float, unique=True)
-        sets = parse_sets(args.sets)
+        sets = choices(args.sets, "set", SETS)
         if not all(0 < r < 1 for r in [*ratios, args.combine_ratio]):
             raise UserError("--ratios and --combine-ratio must be in (0, 1)")
         if min(args.classifier_steps, args.threads, args.test_per_class, args.labeled_per_class, args.synthetic) < 1:

@@ -27,6 +27,16 @@ def numbers(text: str, what: str, kind: Callable = int, minimum: float = 0, uniq
     return list(dict.fromkeys(values)) if unique else values
 
 
+def choices(text: str, what: str, allowed: tuple[str, ...]) -> list[str]:
+    """The names of a comma-separated option, each one of `allowed` (e.g. what="arm"), once each in the order
+    given."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise UserError(f"unknown {what}(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(names))
+
+
 def stats(values: list[float]) -> dict:
     """Mean, sample standard deviation (0 for one value) and the values themselves."""
     a = np.asarray(values, dtype=np.float64)
