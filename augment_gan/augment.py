@@ -19,12 +19,14 @@ after an interruption resumes where it stopped and never redoes a finished stage
 4. measure: the small CNN of `augment_gan.classifier` with `recipe`, `steps` steps, scored on the held-out
    split. Seed s trains the real-only model (and, when the classes are imbalanced, a real-only model with
    class-balanced sampling) and one real+candidate model per candidate, all with seed s, so the differences
-   are paired; the real-only models are trained once per seed and shared (same seed, same model). Every score is appended to DIR/work/measure.jsonl as soon as it exists: an interruption loses at
-   most the classifier that was training.
+   are paired; the real-only models are trained once per seed and shared (same seed, same model). Every
+   score is appended to DIR/work/measure.jsonl as soon as it exists: an interruption loses at most the
+   classifier that was training.
 5. decide (`augment_gan.decision`): accuracy, or balanced accuracy when the classes are imbalanced; the best
    candidate whose mean paired gain over the baseline is positive and larger than its standard error, else
-   "no measurable gain". The baseline is real-only training, with class-balanced sampling when the classes are
-   imbalanced (`decision.baseline_for`: balancing needs no GAN, so a synthetic set must beat it). DIR/decision.json holds every candidate's per-seed scores, the metric, the split, the choice and why.
+   "no measurable gain". The baseline is real-only training, with class-balanced sampling when the classes
+   are imbalanced (`decision.baseline_for`: balancing needs no GAN, so a synthetic set must beat it).
+   DIR/decision.json holds every candidate's per-seed scores, the metric, the split, the choice and why.
 6. outputs: DIR/report.html (the run's `report` plus the decision table and per-class sample grids); when a
    candidate was chosen, DIR/synthetic (its set, manifest included) and DIR/recipe.yaml (`recipe` with the
    chosen ratio). With `merge`, DIR/merged: DATA (all of it) and the chosen set as an ImageFolder (`merge`).

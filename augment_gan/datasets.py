@@ -74,7 +74,7 @@ def default_loader(path: str | Path) -> Image.Image:
 
 
 def align_classes(own: list[str], class_to_idx: dict[str, int] | None, present: set[str], what: str
-                   ) -> tuple[dict[str, int], list[str]]:
+                  ) -> tuple[dict[str, int], list[str]]:
     """Map a synthetic set's class names onto a real set's `class_to_idx`.
 
     Returns (mapping used for labels, classes list indexed by label). `own` are the classes the generator
@@ -375,7 +375,8 @@ class GeneratorDataset(Dataset):
         image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
         if self.mode is not None and image.mode != self.mode:
             image = image.convert(self.mode)
-        return apply_transforms(resize_to(image, self.size), self.targets[index], self.transform, self.target_transform)
+        return apply_transforms(resize_to(image, self.size), self.targets[index], self.transform,
+                                self.target_transform)
 
     def __repr__(self) -> str:
         return f"GeneratorDataset({str(self.path)!r}, n={self.n}, seed={self.seed})"

@@ -90,8 +90,8 @@ def balanced(train: Arrays, seed: int) -> Arrays:
 def train_and_score(name: str, train: Arrays, val: Arrays, extra: Arrays | None, ratio: float, seed: int,
                     config: AugmentConfig, recipes: tuple[Any, Any, str], num_classes: int, device: str,
                     bar: Any) -> dict[str, Any]:
-    """Classifier `name` (a candidate, or a real-only arm without `extra`) of seed `seed`, trained and scored on the
-    held-out images (`decision.scores`)."""
+    """Classifier `name` (a candidate, or a real-only arm without `extra`) of seed `seed`, trained and scored on
+    the held-out images (`decision.scores`)."""
     from augment_gan.classifier import predict, train_classifier
 
     bar.set_description(f"classifier {name}, seed {seed}")

@@ -122,7 +122,8 @@ class SyntheticTarDataset(Dataset):
             image = image.convert(self.mode)
         else:
             image.load()
-        return apply_transforms(resize_to(image, self.size), self.targets[index], self.transform, self.target_transform)
+        return apply_transforms(resize_to(image, self.size), self.targets[index], self.transform,
+                                self.target_transform)
 
     def row(self, index: int) -> ManifestRow:
         """Item `index`'s manifest row, read from its shard."""
