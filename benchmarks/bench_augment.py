@@ -12,9 +12,10 @@ the fit budget, the device and --steps), and then measure on the test set what i
                category (`classifier.stratified_split`, by seed), DATA the other 75% (balanced accuracy).
 
 The realised gain: the classifier `augment` measured with (`measure.train_and_score`: the small CNN, its steps,
-batch size, recipe and the recipe's real/synthetic parts, its threads), trained on ALL of DATA real-only and
+batch size, recipe and the recipe's real/synthetic parts, its threads), trained on ALL of DATA real-only (also
+with class-balanced sampling, `measure.balanced`, when that is augment's baseline: imbalanced classes) and
 with the chosen set (DIR/synthetic, read back from disk) at the chosen ratio, for augment's own classifier
-seeds, paired per seed, scored on the test set with augment's metric. The scores go through
+seeds, paired per seed against augment's baseline, scored on the test set with augment's metric. The scores go through
 `decision.decide` as a one-candidate decision on the test set, so the paired gain, its standard error and the
 "gain > SE" bar are the library's. Every image is read as augment's classifiers read theirs
 (`measure.read_options` of DIR/work/run: the fit's resolution, fit, background and channels); the test images
