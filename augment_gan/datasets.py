@@ -146,17 +146,15 @@ def apply_transforms(image, target, transform, target_transform):
     return image, target
 
 
-def planned_empty(root: Path) -> set[str]:
-    """Classes that a synth folder's plan gives no images (`synth --balance` skips the classes that need none):
-    their absence is by design, not worth a warning."""
-    if not (root / SETTINGS).is_file():
-        return set()
-    info = synth_settings(root)
+def planned_empty(info: dict[str, Any]) -> set[str]:
+    """Classes that a synth folder's plan (its synth.json, `info`) gives no images (`synth --balance` skips the
+    classes that need none): their absence is by design, not worth a warning."""
     return {c for c, n in zip(info.get("selected_classes") or [], info.get("counts") or []) if n == 0}
 
 
-def _synthetic_records(root: Path) -> tuple[list[dict[str, Any]], list[str], bool]:
-    """(manifest records, the generator's classes, conditional?) of a synth/vary folder, checked."""
+def _synthetic_records(root: Path) -> tuple[list[dict[str, Any]], list[str], bool, dict[str, Any]]:
+    """(manifest records, the generator's classes, conditional?, synth.json or {}) of a synth/vary folder,
+    checked."""
     if not root.is_dir():
         raise UserError(f"synthetic folder not found: {root}")
     manifest = root / MANIFEST
@@ -183,7 +181,7 @@ def _synthetic_records(root: Path) -> tuple[list[dict[str, Any]], list[str], boo
                                 f"match the classes in synth.json {own}")
     elif conditional:  # no synth.json: the classes named in the manifest, in ImageFolder's order
         own = sorted({r["class"] for r in records})
-    return records, own, conditional
+    return records, own, conditional, info
 
 
 class SyntheticImageFolder(VisionDataset):
@@ -210,7 +208,7 @@ class SyntheticImageFolder(VisionDataset):
             raise UserError("pass either transforms or transform/target_transform, not both (as for VisionDataset)")
         root = Path(path)
         manifest = root / MANIFEST
-        records, own, conditional = _synthetic_records(root)
+        records, own, conditional, info = _synthetic_records(root)
         super().__init__(root, transforms=transforms, transform=transform, target_transform=target_transform)
 
         kept = [r for r in records if r["kept"] is True]
@@ -219,7 +217,7 @@ class SyntheticImageFolder(VisionDataset):
             warnings.warn(f"{len(kept) - len(usable)} image(s) marked kept in {manifest} are missing on disk; "
                           "skipping them", stacklevel=2)
         self.class_to_idx, self.classes = align_classes(
-            own, class_to_idx, {r["class"] for r in usable} | planned_empty(root), f"synthetic set {root}")
+            own, class_to_idx, {r["class"] for r in usable} | planned_empty(info), f"synthetic set {root}")
 
         self.root = root
         self.loader = loader
@@ -237,7 +235,7 @@ class SyntheticImageFolder(VisionDataset):
         """The classes of the synthetic set in `directory`, as `ImageFolder.find_classes` returns them: the
         generator's class names in its order (synth.json), else those the manifest names, sorted; ([], {})
         for an unconditional set."""
-        _, own, _ = _synthetic_records(Path(directory))
+        _, own, _, _ = _synthetic_records(Path(directory))
         return list(own), {name: i for i, name in enumerate(own)}
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:

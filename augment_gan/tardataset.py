@@ -89,7 +89,7 @@ class SyntheticTarDataset(Dataset):
         self.indices = rows[:, 0]
         self._shard, self._offset, self._size, self._json_offset, self._json_size = rows[:, 1:6].T.copy()
         labels = rows[:, 6]
-        present = ({own[i] for i in np.unique(labels)} | planned_empty(root)) if own else set()
+        present = ({own[i] for i in np.unique(labels)} | planned_empty(info)) if own else set()
         self.class_to_idx, self.classes = align_classes(own, class_to_idx, present, f"synthetic set {root}")
         if own:
             remap = np.array([self.class_to_idx[name] for name in own], dtype=np.int64)
