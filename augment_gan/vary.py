@@ -314,8 +314,8 @@ def vary(checkpoint: Any, source: str | Path, out: str | Path, config: VaryConfi
                 return None, None
             return interpolation_draw(config.seed, files[s], k, partners[s])
 
-        def row(s: int, k: int, name: str, std: float) -> ManifestRow:
-            b, lam = draw(s, k)
+        def row(s: int, k: int, name: str, std: float, pair: tuple[int | None, float | None]) -> ManifestRow:
+            b, lam = pair  # draw(s, k), drawn once by the caller
             return ManifestRow(file=name, index=position[name], seed=config.seed, class_name=source_class[s],
                                label=labels[s], checkpoint=ckpt.digest, source=files[s], k=k, sigma=config.noise,
                                posterior_std=std, partner=files[b] if b is not None else None,
@@ -345,20 +345,21 @@ def vary(checkpoint: Any, source: str | Path, out: str | Path, config: VaryConfi
             todo = [job for job in jobs if job[2] not in done]
             for s, k, name in jobs:
                 if name in done:
-                    rows.append(row(s, k, name, round(float(std_all[s]), 6)))
+                    rows.append(row(s, k, name, round(float(std_all[s]), 6), draw(s, k)))
                     existing += 1
             for start in range(0, len(todo), config.batch_size):
                 batch = todo[start:start + config.batch_size]
                 eps = torch.cat([sample.latents(sample.derive_seed(config.seed, "vary", files[s]), [k], ckpt.z_dim)
                                  for s, k, _ in batch])
                 z = mu_all[[s for s, _, _ in batch]] + config.noise * eps
+                pairs = [draw(s, k) for s, k, _ in batch]
                 if config.interpolate:
-                    pairs = [draw(s, k) for s, k, _ in batch]
                     lam = torch.tensor([m for _, m in pairs], dtype=z.dtype, device=z.device)[:, None]
                     z = z + lam * (mu_all[[b for b, _ in pairs]] - mu_all[[s for s, _, _ in batch]])
                 y = [labels[s] for s, _, _ in batch] if ckpt.num_classes else None
                 writer.submit(sample.decode(ckpt, z, y, device=device), [str(out / name) for _, _, name in batch],
-                              [row(s, k, name, round(float(std_all[s]), 6)) for s, k, name in batch])
+                              [row(s, k, name, round(float(std_all[s]), 6), pair)
+                               for (s, k, name), pair in zip(batch, pairs)])
                 written += len(batch)
             writer.drain()
             ok = True
