@@ -145,10 +145,17 @@ class _Run:
     device: str
     scan: Any
     state: dict[str, Any]
+    _split: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def work(self) -> Path:
         return self.out / "work"
+
+    def split(self) -> dict[str, Any]:
+        """DIR/split.json, written by the split stage; read once (it lists every file of DATA)."""
+        if self._split is None:
+            self._split = read_json(self.out / SPLIT) or {}
+        return self._split
 
     def done(self, stage: str) -> bool:
         return stage in self.state["done"]
@@ -265,7 +272,7 @@ def plan_sets(train_counts: list[int], data_counts: list[int], ratios: tuple[flo
 
 
 def _sets(run: _Run) -> list[dict[str, Any]]:
-    split = read_json(run.out / SPLIT) or {}
+    split = run.split()
     train_counts = [len(files) for files in split["train"].values()]
     return plan_sets(train_counts, split["counts"], run.config.ratios,
                      encoder=run.config.train_config().encoder_weight > 0)
@@ -308,7 +315,7 @@ def _load(run: _Run, folder: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
 def _stage_measure(run: _Run) -> None:
     train, val = _load(run, run.work / "train", "training"), _load(run, run.work / "val", "validation")
     sets = {s["name"]: _load(run, run.work / "candidates" / s["name"], "synthetic") for s in _sets(run)}
-    split = read_json(run.out / SPLIT) or {}
+    split = run.split()
     measure(run.work / MEASURE, train, val, sets, _candidates(run), _seeds(run.config), len(run.scan.classes),
             run.config, run.device, balance=baseline_for(split["counts"]) == REAL_BALANCED)
 
@@ -320,7 +327,7 @@ def _seeds(config: AugmentConfig) -> list[int]:
 def _stage_decide(run: _Run) -> None:
     from augment_gan.manifest import MANIFEST, read_manifest
 
-    config, split = run.config, read_json(run.out / SPLIT) or {}
+    config, split = run.config, run.split()
     images = {s["name"]: sum(1 for row in read_manifest(run.work / "candidates" / s["name"] / MANIFEST) if row.kept)
               for s in _sets(run)}
     candidates = [{**c, "images": images[c["set"]]} for c in _candidates(run)]
