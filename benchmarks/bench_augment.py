@@ -11,9 +11,9 @@ the fit budget, the device and --steps), and then measure on the test set what i
     emoji      ../shared/data/emoji-twitter (9 categories, 85-386 images, 4.5:1), test: a stratified 25% of every
                category (`classifier.stratified_split`, by seed), DATA the other 75% (balanced accuracy).
 
-The realised gain: the classifier `augment` measured with (`measure.train_and_score`: the small CNN, its steps,
-batch size, recipe and the recipe's real/synthetic parts, its threads), trained on ALL of DATA real-only (also
-with class-balanced sampling, `measure.balanced`, when that is augment's baseline: imbalanced classes) and
+The realised gain: augment's own measurement (`measure.measure`: the small CNN, its steps, batch size, recipe
+and the recipe's real/synthetic parts, its threads), trained on ALL of DATA real-only (also with
+class-balanced sampling when that is augment's baseline: imbalanced classes) and
 with the chosen set (DIR/synthetic, read back from disk) at the chosen ratio, for augment's own classifier
 seeds, paired per seed against augment's baseline, scored on the test set with augment's metric. The scores go through
 `decision.decide` as a one-candidate decision on the test set, so the paired gain, its standard error and the
@@ -74,10 +74,9 @@ from augment_gan.config import load_config_file
 from augment_gan.data import load_folder, scan_folder
 from augment_gan.decision import BASELINES, METRICS, REAL, REAL_BALANCED, decide
 from augment_gan.device import resolve_device
-from augment_gan.downstream import align_labels, downstream_recipes, step_bar
+from augment_gan.downstream import align_labels
 from augment_gan.errors import UserError
-from augment_gan.evaluate import torch_threads
-from augment_gan.measure import balanced, load_labeled, read_options, train_and_score
+from augment_gan.measure import load_labeled, measure, read_options, read_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
 from bench_imbalance import COUNTS, SHARED_DATA, draw_longtail  # noqa: E402  (the long-tailed draw, shared)
@@ -210,29 +209,17 @@ def stage_clock() -> Iterator[_StageClock]:
 
 
 def measure_on_test(candidate: dict, extra: tuple[np.ndarray, np.ndarray], train: tuple[np.ndarray, np.ndarray],
-                    test: tuple[np.ndarray, np.ndarray], decision: dict, config: AugmentConfig, num_classes: int
-                    ) -> dict:
-    """`candidate` of `decision` measured on the test set: augment's classifiers, trained on `train` (all of
-    DATA) real-only (and with class-balanced sampling when that is augment's baseline, as `measure.measure`
-    does) and with `extra` at the candidate's ratio, for each of augment's seeds; a one-candidate `decide`
-    against augment's baseline on the test scores (gain, SE, measurable, per-seed runs)."""
-    device = str(resolve_device(config.device))
-    recipes = downstream_recipes(config.recipe, config.seed)  # as `measure.measure`: one pair, reseeded per model
+                    test: tuple[np.ndarray, np.ndarray], decision: dict, config: AugmentConfig, num_classes: int,
+                    path: Path) -> dict:
+    """`candidate` of `decision` measured on the test set by augment's own `measure.measure` (scores appended to
+    `path`): its classifiers trained on `train` (all of DATA) real-only (also with class-balanced sampling when
+    that is augment's baseline) and with `extra` at the candidate's ratio, for each of augment's seeds; a
+    one-candidate `decide` against augment's baseline on the test scores (gain, SE, measurable, per-seed runs)."""
     seeds, baseline = decision["seeds"], decision.get("baseline", REAL)
-    arms = [(REAL, train, None, 0.0)]
-    if baseline == REAL_BALANCED:
-        arms.append((REAL_BALANCED, balanced(train, config.seed), None, 0.0))
-    arms.append((candidate["name"], train, extra, candidate["ratio"]))
-    bar = step_bar(len(arms) * len(seeds) * config.steps, "test classifiers", False)
-    rows = []
-    with torch_threads(config.threads, device):
-        for s in seeds:
-            for name, pool, synthetic, ratio in arms:
-                rows.append({"candidate": name, "seed": s, **train_and_score(
-                    name, pool, test, synthetic, ratio, s, config, recipes, num_classes, device, bar)})
-    bar.close()
     one = {k: candidate[k] for k in ("name", "set", "ratio", "images")}
-    return decide(rows, [one], decision["metric"], seeds, baseline=baseline)
+    measure(path, train, test, {candidate["set"]: extra}, [one], seeds, num_classes, config,
+            str(resolve_device(config.device)), balance=baseline == REAL_BALANCED)
+    return decide(read_results(path), [one], decision["metric"], seeds, baseline=baseline)
 
 
 def read_test_images(source: Path, files: list[str], options, classes: list[str], cache_dir: Path
@@ -280,7 +267,8 @@ def run_folder(folder: str, seed: int, scan, drawn: tuple[np.ndarray, np.ndarray
     if candidate is not None:
         folder_of_set = aug_dir / "synthetic" if chosen else Path(decision["sets"][candidate["set"]]["folder"])
         extra = load_labeled(folder_of_set, options, classes, cache_dir, "synthetic")
-        tried = measure_on_test(candidate, extra, train, test, decision, config, len(classes))
+        tried = measure_on_test(candidate, extra, train, test, decision, config, len(classes),
+                                root / "test-measure.jsonl")
         tested = on_test(candidate, tried)
     seconds_test = round(time.monotonic() - t0, 1)
 
