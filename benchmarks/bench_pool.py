@@ -63,7 +63,7 @@ from augment_gan.train import fit
 from augment_gan.vary import VaryConfig, vary
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from benchkit import choices, finish, numbers, save_results, stats  # noqa: E402
+from benchkit import choices, finish, numbers, save_results, stats, write_subset  # noqa: E402
 
 RESOLUTION = 32  # the GAN's; the 28 px digits are read at 32 px so every arm trains at one size
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data beside the repo
@@ -131,9 +131,7 @@ def write_folders(root: Path, files: list[str], labeled: np.ndarray, pool: np.nd
     """out/labeled/<class>/<file> and out/pool/<i:05d><ext> (flat, numbered: no label in a name); returns both
     folders and the pool's file names in `pool` order."""
     labeled_dir, pool_dir = out / "labeled", out / "pool"
-    for i in labeled:
-        (labeled_dir / files[i]).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(root / files[i], labeled_dir / files[i])
+    write_subset(root, [files[i] for i in labeled], labeled_dir)
     pool_dir.mkdir(parents=True, exist_ok=True)
     names = []
     for k, i in enumerate(pool):
