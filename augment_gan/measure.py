@@ -71,19 +71,26 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def oversample_indices(labels: np.ndarray, target: list[int], seed: int) -> np.ndarray:
+    """Indices into `labels` holding target[c] images of class c: all of them as often as fits, the remainder a
+    random subset without replacement, so every image appears within one time of every other of its class."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for c, t in enumerate(target):
+        idx = np.flatnonzero(labels == c)
+        if t and not len(idx):
+            raise UserError(f"class {c} has no training image to oversample")
+        reps, rest = divmod(t, max(len(idx), 1))
+        out += [np.tile(idx, reps), rng.choice(idx, rest, replace=False) if rest else idx[:0]]
+    return np.concatenate(out)
+
+
 def balanced(train: Arrays, seed: int) -> Arrays:
-    """`train` with every class's images repeated up to the largest class's count (random oversampling: each
-    image appears within one time of every other image of its class), for the `REAL_BALANCED` arm."""
+    """`train` with every class's images repeated up to the largest class's count (random oversampling,
+    `oversample_indices`), for the `REAL_BALANCED` arm."""
     images, labels = train
     counts = np.bincount(labels)
-    top = int(counts.max())
-    rng = np.random.default_rng(seed)
-    idx = []
-    for c in np.flatnonzero(counts):
-        members = np.flatnonzero(labels == c)
-        reps, rest = divmod(top, len(members))
-        idx += [np.tile(members, reps), rng.choice(members, rest, replace=False)]
-    order = np.concatenate(idx)
+    order = oversample_indices(labels, [int(counts.max()) if n else 0 for n in counts], seed)
     return images[order], labels[order]
 
 

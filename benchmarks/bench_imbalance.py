@@ -59,6 +59,7 @@ from augment_gan.data import ReadOptions, load_folder
 from augment_gan.errors import UserError
 from augment_gan.features import pixel_extractor
 from augment_gan.grid import tile
+from augment_gan.measure import oversample_indices  # random oversampling: augment's balanced baseline
 from augment_gan.metrics import NearestReal
 from augment_gan.recipes import load_recipe
 from augment_gan.synth import SynthConfig, synth
@@ -184,20 +185,6 @@ def draw_longtail(labels: np.ndarray, counts: list[int], test_per_class: int, se
         train.append(idx[:n])
         test.append(idx[n:n + test_per_class])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
-
-
-def oversample_indices(labels: np.ndarray, target: list[int], seed: int) -> np.ndarray:
-    """Indices into `labels` holding target[c] images of class c: all of them as often as fits, the remainder a
-    random subset without replacement, so every image appears within one time of every other of its class."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for c, t in enumerate(target):
-        idx = np.flatnonzero(labels == c)
-        if t and not len(idx):
-            raise UserError(f"class {c} has no training image to oversample")
-        reps, rest = divmod(t, max(len(idx), 1))
-        out += [np.tile(idx, reps), rng.choice(idx, rest, replace=False) if rest else idx[:0]]
-    return np.concatenate(out)
 
 
 def import_smote():
