@@ -14,13 +14,17 @@ size and classifier seed, and is tested on the balanced set:
     synth-balance   real + `synth(run, out, balance=True)`: N - n_c generated images of class c
     interp-balance  real + `vary(run, train, out, interpolate=True, balance=True)`: latent interpolations
     synth-half      synthetic images fill half of each class's shortfall, oversampling the other half
-    oversample-synth  `oversample`, plus the synth-balance images as 25% of every batch, augmented like reals
+    oversample-synth  `oversample`, plus the synth-balance images as 25% of every batch
+    oversample-checked  as oversample-synth, with only the synth-balance images that a second classifier
+                    (trained like `oversample`, another seed) assigns to the class they were drawn for
 
-The synthetic arms sample the union of real and synthetic images uniformly (it is balanced already): each batch
-holds round(64 · S / (R + S)) synthetic images, which get the recipe's synthetic part, as in bench_fewshot.
+The synthetic-balance arms sample the union of real and synthetic images uniformly (it is balanced already):
+each batch holds round(64 · S / (R + S)) synthetic images (`ADDED_SHARE` for the two on top of oversampling).
+Synthetic images always get the recipe's synthetic part, real ones its real part, as in bench_fewshot.
 
     python benchmarks/bench_imbalance.py                                  # 3 seeds, 5 wall-minutes per fit
     python benchmarks/bench_imbalance.py --arms none,oversample,smote     # no GAN
+    python benchmarks/bench_imbalance.py --fits-from RESULTS --arms oversample,oversample-checked  # same GANs
     python benchmarks/bench_imbalance.py --seeds 0 --fit-kimg 0.1 --classifier-steps 20 \\
         --counts 8,6,5,4,3,3,2,2,2,2 --test-per-class 4 --data-root DIGITS   # smoke test on a small folder
 
@@ -77,12 +81,16 @@ MNIST in Dablain et al. 2022 (DeepSMOTE), on 1/40 of their data so that a CPU fi
 TEST_PER_CLASS = 200
 RECIPE = "standard"
 BASELINE = "oversample"
-ARMS = ("none", "oversample", "smote", "synth-balance", "interp-balance", "synth-half", "oversample-synth")
-SOURCES = {"synth-balance": "synth", "synth-half": "synth", "interp-balance": "interp", "oversample-synth": "synth"}
+ARMS = ("none", "oversample", "smote", "synth-balance", "interp-balance", "synth-half", "oversample-synth",
+        "oversample-checked")
+SOURCES = {"synth-balance": "synth", "synth-half": "synth", "interp-balance": "interp", "oversample-synth": "synth",
+           "oversample-checked": "synth"}
 """Which synthetic set an arm draws on: the `synth` arms share one `synth --balance` output per seed."""
-ADDED_SHARE = {"oversample-synth": 0.25}
-"""Arms whose synthetic images come on top of a balanced real pool, at this share of every batch and with the
-recipe's full (real) augmentation: `oversample-synth` = `oversample` + 25% `synth --balance` images."""
+ADDED_SHARE = {"oversample-synth": 0.25, "oversample-checked": 0.25}
+"""Arms whose synthetic images come on top of a balanced real pool, at this share of every batch:
+`oversample-synth` = `oversample` + 25% `synth --balance` images."""
+CHECK_SEED = 100
+"""`oversample-checked`: the checking classifier's seed is the run's seed + this (not the arms' own seed)."""
 METRICS = {"acsa": "ACSA", "macro_f1": "macro-F1", "g_mean": "G-mean", "rare_recall": "recall, 5 rarest"}
 RARE = 5  # classes averaged in `rare_recall`
 GRID_CLASSES = 3  # rarest classes shown in the sample grids
@@ -114,6 +122,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", help="device for fit, sampling and the classifiers (default cpu)")
     ap.add_argument("--out", type=Path, default=None,
                     help="results folder (default benchmarks/results/<time>-imbalance)")
+    ap.add_argument("--fits-from", type=Path, default=None,
+                    help="an earlier run's --out: use its fits (read only) instead of training new ones, to compare "
+                         "arms on the same GANs; the draw settings must be the earlier run's")
     return ap.parse_args(argv)
 
 
@@ -221,7 +232,7 @@ def missing_api(source: str) -> str | None:
 def arm_pools(arm: str, x: np.ndarray, y: np.ndarray, seed: int, synthetic: dict
               ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
     """(real images, their labels, synthetic (images, labels) or None) an arm trains on; `synthetic` maps a
-    source (`SOURCES`) to its images and labels."""
+    source (`SOURCES`) to its images and labels, and "checked" to the synth images `check_synthetic` kept."""
     counts = np.bincount(y)
     top = int(counts.max())
     if arm == "none":
@@ -233,9 +244,9 @@ def arm_pools(arm: str, x: np.ndarray, y: np.ndarray, seed: int, synthetic: dict
         return (*smote_resample(x, y, seed), None)
     if arm in ("synth-balance", "interp-balance"):
         return x, y, synthetic[SOURCES[arm]]
-    if arm == "oversample-synth":
+    if arm in ("oversample-synth", "oversample-checked"):
         idx = oversample_indices(y, [top] * len(counts), seed)
-        return x[idx], y[idx], synthetic["synth"]
+        return x[idx], y[idx], synthetic["synth" if arm == "oversample-synth" else "checked"]
     if arm == "synth-half":
         sx, sy = synthetic["synth"]
         # Half of each shortfall from the GAN (its first images: sample i depends only on i), the rest oversampled.
@@ -244,6 +255,15 @@ def arm_pools(arm: str, x: np.ndarray, y: np.ndarray, seed: int, synthetic: dict
         idx = oversample_indices(y, [top - t for t in take], seed)
         return x[idx], y[idx], (sx[keep], sy[keep])
     raise AssertionError(arm)
+
+
+def check_synthetic(x: np.ndarray, y: np.ndarray, sx: np.ndarray, sy: np.ndarray, common: dict) -> np.ndarray:
+    """Mask of the synthetic images (sx, sy) that a classifier trained like the `oversample` arm, but with seed
+    + CHECK_SEED, assigns to their own class: GAN samples that drifted into another class are left out."""
+    counts = np.bincount(y)
+    idx = oversample_indices(y, [int(counts.max())] * len(counts), common["seed"])
+    model = train_classifier(x[idx], y[idx], **{**common, "seed": common["seed"] + CHECK_SEED})
+    return predict(model, sx) == sy
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -338,7 +358,8 @@ def markdown_table(results: dict) -> str:
              f"seeds {', '.join(map(str, seeds))}; Δ in percentage points, paired per seed. Training images per "
              f"class: {', '.join(map(str, results['counts']))} (the five rarest: {rare}). Small CNN, "
              f"{results['classifier_steps']} steps of batch {results['batch_size']}, recipe {RECIPE}; "
-             + (f"conditional fit at {RESOLUTION}px for {budget} per seed; " if any(r["fit"] for r in runs) else "")
+             + (f"the conditional fits of {results['fits_from']}; " if results.get("fits_from") else
+                f"conditional fit at {RESOLUTION}px for {budget} per seed; " if any(r["fit"] for r in runs) else "")
              + f"{results['threads']} thread(s) on {results['device']}.")
     out = ["\n".join(lines), "", notes]
     if BASELINE in arms and len(runs) > 1:
@@ -367,6 +388,15 @@ def markdown_table(results: dict) -> str:
         head = ("Memorisation: share of each class's synthetic images whose nearest training image (16×16 pixels) "
                 "is closer than 99% of training images are to each other (`NearestReal`), mean over seeds:")
         out += ["", head, "", "\n".join(rows)]
+        checked = [run["synthetic"]["synth-balance"]["checked"] for run in runs
+                   if "checked" in run["synthetic"].get("synth-balance", {})]
+        if checked:
+            made = [run["synthetic"]["synth-balance"]["per_class"] for run in runs
+                    if "checked" in run["synthetic"]["synth-balance"]]
+            share = [np.mean([k["kept_per_class"][c] / m[c] for k, m in zip(checked, made)]) for c in shown]
+            share = [f"class {results['classes'][c]} {100 * v:.0f}%" for c, v in zip(shown, share)]
+            out += ["", "oversample-checked: share of each class's synth-balance images the checking classifier "
+                        "assigns to their class, mean over seeds: " + ", ".join(share) + "."]
     rows = ["| method (Dablain et al. 2022) | ACSA |", "|---|---:|"] + [f"| {m} | {v:.2f} |" for m, v in REFERENCE]
     head = ("Published for reference: imbalanced MNIST, ratio 100, ResNet-18 on about 40× more training images "
             "(DeepSMOTE, IEEE TNNLS 2022). Compare the ordering of methods only, not the numbers:")
@@ -438,6 +468,7 @@ def _run(args, seeds: list[int], counts: list[int], arms: list[str], skipped: di
                "rare": rare, "arms": arms, "baseline": BASELINE, "skipped": skipped, "recipe": RECIPE,
                "classifier_steps": args.classifier_steps, "batch_size": args.batch_size,
                "fit_minutes": args.fit_minutes, "fit_clock": args.fit_clock, "fit_kimg": args.fit_kimg,
+               "fits_from": str(args.fits_from) if args.fits_from else None,
                "fit_config": base.to_dict(), "threads": args.threads, "device": args.device, "runs": []}
     recipe, synthetic_recipe = load_recipe(RECIPE, part="real"), load_recipe(RECIPE, part="synthetic")
 
@@ -453,12 +484,17 @@ def _run(args, seeds: list[int], counts: list[int], arms: list[str], skipped: di
         # One conditional GAN per seed, shared by the arms that need one.
         synthetic = {}
         if sources:
-            log(f"{tag}: fit on {len(train_idx)} images")
             t0 = time.monotonic()
-            ckpt_path = fit(folder, base.replace(seed=seed), out / tag / "run", device=args.device,
-                            cache_dir=cache_dir, progress=False)
+            if args.fits_from is not None:
+                ckpt_path = args.fits_from / tag / "run"
+                if not ckpt_path.is_dir():
+                    raise UserError(f"--fits-from: {ckpt_path} is missing")
+            else:
+                log(f"{tag}: fit on {len(train_idx)} images")
+                ckpt_path = fit(folder, base.replace(seed=seed), out / tag / "run", device=args.device,
+                                cache_dir=cache_dir, progress=False)
             ckpt = load_checkpoint(ckpt_path, device=args.device)
-            run["fit"] = {"checkpoint": str(ckpt_path), "seconds": round(time.monotonic() - t0, 1),
+            run["fit"] = {"checkpoint": str(ckpt.path), "seconds": round(time.monotonic() - t0, 1),
                           "kimg": ckpt.meta.kimg, "step": ckpt.meta.step, "budget_s": ckpt.meta.elapsed_s}
             for source in sources:
                 name = {"synth": "synth-balance", "interp": "interp-balance"}[source]
@@ -482,6 +518,14 @@ def _run(args, seeds: list[int], counts: list[int], arms: list[str], skipped: di
         # The arms: same classifier seed, steps, batch size and recipe; only the training pool differs.
         common = {"steps": args.classifier_steps, "batch_size": args.batch_size, "num_classes": len(classes),
                   "device": args.device, "seed": seed, "recipe": recipe}
+        if "oversample-checked" in arms:
+            sx, sy = synthetic["synth"]
+            keep = check_synthetic(x_tr, y_tr, sx, sy, common)
+            synthetic["checked"] = (sx[keep], sy[keep])
+            run["synthetic"]["synth-balance"]["checked"] = {
+                "kept_per_class": np.bincount(sy[keep], minlength=len(classes)).tolist(),
+                "seed": seed + CHECK_SEED}
+            log(f"{tag}: the checking classifier keeps {keep.sum()} of {len(sx)} synth-balance images")
         for arm in arms:
             t0 = time.monotonic()
             x, y, extra = arm_pools(arm, x_tr, y_tr, seed, synthetic)
@@ -490,7 +534,7 @@ def _run(args, seeds: list[int], counts: list[int], arms: list[str], skipped: di
                 # Uniform over the union, up to rounding; or a fixed share on top of a balanced real pool.
                 ratio = ADDED_SHARE.get(arm, len(extra[0]) / (len(x) + len(extra[0])))
                 model = train_classifier(x, y, extra=extra, synthetic_ratio=ratio,
-                                         extra_recipe=recipe if arm in ADDED_SHARE else synthetic_recipe, **common)
+                                         extra_recipe=synthetic_recipe, **common)
             else:
                 model = train_classifier(x, y, **common)
             cm = confusion(y_te, predict(model, x_te), len(classes))

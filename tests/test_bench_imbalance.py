@@ -175,6 +175,27 @@ def test_short_run_writes_results_and_table(bench, tmp_path: Path, shared_data: 
         assert all((out / "seed0" / "grids" / f"{name}-class{c}.png").is_file() for c in (9, 8, 7))
         assert f"| {name} |" in proc.stdout
 
+    # oversample-checked: the synth-balance images a second classifier assigns to their class, on top of
+    # oversampling; --fits-from reuses the fits (read only) for new arms.
+    if "oversample-checked" in ran:
+        for run in results["runs"]:
+            s = run["synthetic"]["synth-balance"]
+            assert s["checked"]["seed"] == run["seed"] + bench.CHECK_SEED
+            assert all(0 <= k <= n for k, n in zip(s["checked"]["kept_per_class"], s["per_class"]))
+            assert run["arms"]["oversample-checked"]["synthetic_images"] == sum(s["checked"]["kept_per_class"])
+        assert "oversample-checked: share of each class's synth-balance images" in proc.stdout
+        again = tmp_path / "again"
+        cmd2 = [*cmd[:cmd.index("--out")], "--seeds", "0", "--arms", "oversample,oversample-checked", "--fits-from",
+                str(out), "--out", str(again)]
+        proc = subprocess.run(cmd2, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reused = json.loads((again / "results.json").read_text())
+        assert reused["fits_from"] == str(out) and not (again / "seed0" / "run").exists()
+        assert Path(reused["runs"][0]["fit"]["checkpoint"]).is_relative_to(out / "seed0" / "run")
+        assert reused["runs"][0]["arms"]["oversample"] == results["runs"][0]["arms"]["oversample"] | {
+            "seconds": reused["runs"][0]["arms"]["oversample"]["seconds"]}
+        assert f"the conditional fits of {out}" in proc.stdout
+
 
 def test_bad_arguments_are_one_line_errors(tmp_path: Path, shared_data: Path):
     script = str(BENCHMARKS / "bench_imbalance.py")
