@@ -12,9 +12,9 @@ after an interruption resumes where it stopped and never redoes a finished stage
    `unlabeled`, the unlabeled-pool fit: `fit(POOL, ..., labels=DIR/work/train)`, accepted only when `fit` takes
    `labels` (checked before any work; otherwise a one-line error).
 3. candidates: synthetic sets in DIR/work/candidates/<set> (`plan_sets`): `synth` balanced over the classes,
-   sized for the largest ratio r (n = r/(1−r)·n_train); `synth --balance` when the classes are imbalanced
-   (largest/smallest ≥ 3, `decision.IMBALANCE`); `vary --interpolate`, with `--balance` when imbalanced, else
-   enough variations per image for the largest ratio. Each set is then a candidate at every ratio of `ratios`
+   n = max(`set_size`, r/(1−r)·n_train) images for the largest ratio r; `synth --balance` when the classes are
+   imbalanced (largest/smallest ≥ 3, `decision.IMBALANCE`); `vary --interpolate`, with `--balance` when
+   imbalanced, else as many variations per image as make n. Each set is then a candidate at every ratio of `ratios`
    (the share of synthetic images per classifier batch), named "<set>@<ratio>".
 4. measure: the small CNN of `augment_gan.classifier` with `recipe`, `steps` steps, scored on the held-out
    split. Seed s trains the real-only model (and, when the classes are imbalanced, a real-only model with
@@ -251,15 +251,16 @@ def _stage_fit(run: _Run) -> None:
 
 
 def plan_sets(train_counts: list[int], data_counts: list[int], ratios: tuple[float, ...], *,
-              encoder: bool = True) -> list[dict[str, Any]]:
+              encoder: bool = True, set_size: int = 1) -> list[dict[str, Any]]:
     """The synthetic sets to make: [{"name", "command" (synth or vary), "options"}] (module docstring, stage 3).
 
-    Balanced sets hold enough images for the largest ratio r: n = ⌈r/(1−r)·n_train⌉, what one epoch of
-    `MixedSampler` at that ratio draws without repeating. `vary` needs the latent encoder (`encoder`).
+    Balanced sets hold n = max(`set_size`, ⌈r/(1−r)·n_train⌉) images for the largest ratio r: at least what one
+    epoch of `MixedSampler` at that ratio draws without repeating (`AugmentConfig.set_size`). `vary` needs the
+    latent encoder (`encoder`).
     """
     n_real = sum(train_counts)
     r = max(ratios)
-    needed = math.ceil(r / (1 - r) * n_real)
+    needed = max(set_size, math.ceil(r / (1 - r) * n_real))
     imbalanced = imbalance(data_counts) >= IMBALANCE
     sets: list[dict[str, Any]] = [{"name": "synth", "command": "synth", "options": {"n": needed}}]
     if imbalanced:
@@ -275,7 +276,7 @@ def _sets(run: _Run) -> list[dict[str, Any]]:
     split = run.split()
     train_counts = [len(files) for files in split["train"].values()]
     return plan_sets(train_counts, split["counts"], run.config.ratios,
-                     encoder=run.config.train_config().encoder_weight > 0)
+                     encoder=run.config.train_config().encoder_weight > 0, set_size=run.config.set_size)
 
 
 def _candidates(run: _Run) -> list[dict[str, Any]]:

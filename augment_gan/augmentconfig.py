@@ -49,6 +49,11 @@ class AugmentConfig:
     """Shares of synthetic images per classifier batch at which every set is measured (and the chosen one's
     becomes the recipe's synthetic_ratio). 25% and 50% gave the same few-shot gain within 0.3 pp
     (benchmarks/RESULTS.md), so the default measures both rather than guessing."""
+    set_size: int = 2000
+    """Fewest images in a balanced candidate set (`plan_sets`). A classifier draws ratio × batch × steps synthetic
+    images; a set sized for one epoch of the training part (80 images for 80 training images at 50%) would show
+    each image a hundred times and waste the generator's variety. On few-label digits, 10,000 images gained no
+    more than 2,000 (benchmarks/RESULTS.md, bench_pool), so 2,000 is enough."""
     recipe: str = "standard"
     """Augmentation recipe of the classifiers (name or YAML path), and the base of DIR/recipe.yaml."""
     resolution: int = 32
@@ -87,6 +92,8 @@ class AugmentConfig:
             raise UserError(f"--steps must be at least 1, got {self.steps}")
         if self.batch_size < 2:
             raise UserError(f"batch size must be at least 2, got {self.batch_size}")
+        if self.set_size < 1:
+            raise UserError(f"--set-size must be at least 1, got {self.set_size}")
         if not self.ratios:
             raise UserError("--ratios is empty; give at least one share of synthetic images, e.g. 0.25")
         if len(set(self.ratios)) < len(self.ratios):

@@ -40,8 +40,8 @@ returns. The test measurement (reading and the test classifiers) is timed here.
 
     python benchmarks/bench_augment.py                                    # the three folders, 5 wall-minutes per fit
     python benchmarks/bench_augment.py --folders longtail --seeds 0,1,2 --minutes 10
-    python benchmarks/bench_augment.py --folders fewshot --kimg 0.05 --steps 10 --shots 3 --test-per-class 2 \\
-        --fit-config TINY.yaml --mnist DIGITS                             # smoke test on a small folder
+    python benchmarks/bench_augment.py --folders fewshot --kimg 0.05 --steps 10 --set-size 1 --shots 3 \\
+        --test-per-class 2 --fit-config TINY.yaml --mnist DIGITS          # smoke test on a small folder
 
 Prints markdown tables to stdout (progress to stderr): the decision and its test, the best rejected candidates,
 the wall time per stage. Writes results.json (rewritten after every folder), table.md, and per folder and seed
@@ -111,6 +111,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--kimg", type=float, default=None, help="augment's fit budget in kimg instead of --minutes")
     ap.add_argument("--steps", type=int, default=AugmentConfig.steps,
                     help=f"optimizer steps of every classifier, augment's and the test's (default {AugmentConfig.steps})")
+    ap.add_argument("--set-size", type=int, default=AugmentConfig.set_size,
+                    help=f"augment's fewest images per candidate set (default {AugmentConfig.set_size})")
     ap.add_argument("--fit-config", type=Path, default=None, help="YAML of TrainConfig fields for augment's fit "
                                                                    "(augment --config)")
     ap.add_argument("--shots", type=int, default=SHOTS, help=f"images per digit in fewshot (default {SHOTS})")
@@ -422,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--test-fraction must be in (0, 1), got {args.test_fraction:g}")
         fit_options = load_config_file(args.fit_config) if args.fit_config is not None else None
         base = AugmentConfig(minutes=None if args.kimg else args.minutes, kimg=args.kimg, steps=args.steps,
-                             fit_options=fit_options, device=args.device, progress=False)
+                             set_size=args.set_size, fit_options=fit_options, device=args.device, progress=False)
         out = args.out or Path(__file__).resolve().parent / "results" / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-augment"
         if out.exists() and any(out.iterdir()):
             raise UserError(f"{out} is not empty; choose another --out")

@@ -38,6 +38,8 @@ def _ratios(ctx: click.Context, param: click.Parameter, value: str) -> tuple[flo
               help="Optimizer steps of every classifier (the same for every arm).")
 @click.option("--ratios", default=",".join(f"{r:g}" for r in _DEFAULTS.ratios), show_default=True, callback=_ratios,
               help="Shares of synthetic images per batch at which each candidate set is measured.")
+@click.option("--set-size", type=int, default=_DEFAULTS.set_size, show_default=True,
+              help="Fewest images in a balanced candidate set (more when the largest ratio needs more).")
 @click.option("--recipe", default=_DEFAULTS.recipe, show_default=True,
               help="Augmentation recipe of the classifiers, and the base of recipe.yaml (name or YAML path).")
 @click.option("--resolution", type=click.Choice([str(r) for r in MODEL_RESOLUTIONS]), default=str(_DEFAULTS.resolution),
@@ -56,7 +58,7 @@ def _ratios(ctx: click.Context, param: click.Parameter, value: str) -> tuple[flo
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of the summary.")
 @verbosity_options
 def command(data: Path, out: Path, minutes: float, kimg: float | None, unlabeled: Path | None, val_fraction: float,
-            seeds: int, steps: int, ratios: tuple[float, ...], recipe: str, resolution: str, seed: int,
+            seeds: int, steps: int, ratios: tuple[float, ...], set_size: int, recipe: str, resolution: str, seed: int,
             config_file: Path | None, merge: bool, device: str, threads: int | None, overwrite: bool, as_json: bool,
             quiet: bool) -> None:
     """Find out whether synthetic images help a classifier on DATA (class subfolders), and keep the set that does.
@@ -79,7 +81,7 @@ def command(data: Path, out: Path, minutes: float, kimg: float | None, unlabeled
 
     config = AugmentConfig(
         minutes=None if kimg is not None else minutes, kimg=kimg, val_fraction=val_fraction, seeds=seeds,
-        steps=steps, ratios=ratios, recipe=recipe, resolution=int(resolution), seed=seed,
+        steps=steps, ratios=ratios, set_size=set_size, recipe=recipe, resolution=int(resolution), seed=seed,
         unlabeled=str(unlabeled) if unlabeled is not None else None,
         fit_options=load_config_file(config_file) if config_file is not None else None,
         merge=merge, device=device, threads=threads, overwrite=overwrite, progress=not quiet)

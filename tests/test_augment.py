@@ -36,8 +36,8 @@ TAIL = {"0": 8, "1": 8, "2": 5, "3": 1}
 EVEN = {"0": 6, "1": 6, "2": 6}
 
 FAST = dict(kimg=0.032, minutes=None, steps=4, batch_size=16, fit_options=dict(TINY_NETS, batch_size=16),
-            device="cpu", progress=False)
-"""Two fit steps of tiny networks and 4-step classifiers: seconds, not minutes."""
+            set_size=1, device="cpu", progress=False)
+"""Two fit steps of tiny networks, 4-step classifiers and sets sized by the ratio alone: seconds, not minutes."""
 TAIL_CANDIDATES = [f"{s}@{r}" for s in ("synth", "synth-balance", "vary-interpolate-balance") for r in (0.25, 0.5)]
 
 
@@ -118,6 +118,11 @@ def test_plan_sets_sizes_each_set_for_the_largest_ratio():
         {"name": "synth-balance", "command": "synth", "options": {"balance": True}},
         {"name": "vary-interpolate-balance", "command": "vary", "options": {"interpolate": True, "balance": True}}]
     assert [s["name"] for s in plan_sets([6, 2], [9, 3], (0.5,), encoder=False)] == ["synth", "synth-balance"]
+    # AugmentConfig.set_size (2,000) is the floor: a set is never sized for one epoch of a few training images.
+    assert plan_sets([5, 5, 5], [6, 6, 6], (0.25, 0.5), set_size=AugmentConfig.set_size) == [
+        {"name": "synth", "command": "synth", "options": {"n": 2000}},
+        {"name": "vary-interpolate", "command": "vary", "options": {"interpolate": True, "n": 134}}]  # ⌈2000 / 15⌉
+    assert plan_sets([3000], [3000], (0.5,), set_size=2000)[0]["options"] == {"n": 3000}
 
 
 def test_metric_scores_and_paired_gain():
@@ -163,6 +168,7 @@ def test_decide_takes_the_best_gain_larger_than_its_standard_error():
     ({"val_fraction": 0.0}, "val-fraction"), ({"val_fraction": 0.6}, "val-fraction"), ({"seeds": 0}, "seeds"),
     ({"minutes": 0.0}, "minutes"), ({"minutes": None}, "budget"), ({"ratios": (0.5, 1.0)}, "ratios"),
     ({"ratios": ()}, "empty"), ({"ratios": (0.5, 0.5)}, "repeats"), ({"steps": 0}, "steps"),
+    ({"set_size": 0}, "set-size"),
     ({"fit_options": {"minutes": 3}}, "set by augment"), ({"fit_options": {"nope": 1}}, "unknown config keys"),
     ({"recipe": "nope"}, "unknown recipe"), ({"seeds": "3"}, "seeds must be an integer"),
 ])
@@ -180,7 +186,8 @@ def test_cli_runs_end_to_end_on_a_long_tail_with_a_class_of_one_image(tail, tmp_
     out = tmp_path / "out"
     before = tree(tail)
     result = CliRunner().invoke(app, ["augment", str(tail), "--out", str(out), "--kimg", "0.032", "--steps", "4",
-                                      "--seeds", "2", "--config", str(config), "--device", "cpu", "--json"])
+                                      "--set-size", "20", "--seeds", "2", "--config", str(config), "--device", "cpu",
+                                      "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)            # stdout holds the result alone; progress went to stderr
     assert "[1/6] split" in result.stderr and "class 3 has one image" in result.stderr
@@ -194,7 +201,7 @@ def test_cli_runs_end_to_end_on_a_long_tail_with_a_class_of_one_image(tail, tmp_
     assert decision["metric"] == summary["metric"] == "balanced_accuracy" and decision["seeds"] == [0, 1]
     assert [c["name"] for c in decision["candidates"]] == TAIL_CANDIDATES
     assert all(len(c["runs"]) == 2 for c in decision["candidates"]) and len(decision["real_only"]["runs"]) == 2
-    assert decision["sets"]["synth"]["images"] == 17      # ⌈0.5 / 0.5 × 17 training images⌉
+    assert decision["sets"]["synth"]["images"] == 20      # --set-size 20 > ⌈0.5 / 0.5 × 17 training images⌉
     assert decision["split"]["per_class"]["3"] == {"images": 1, "train": 1, "val": 0}
     page = (out / "report.html").read_text()
     assert "Does the synthetic data help?" in page and page.count("data:image/png;base64") >= 5

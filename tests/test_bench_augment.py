@@ -159,7 +159,7 @@ def test_short_run_writes_results_and_tables(bench, tmp_path: Path, shared_data:
     out = tmp_path / "out"
     argv = ["--folders", "fewshot,longtail,emoji", "--mnist", str(digits), "--emoji", str(emoji), "--shots", "3",
             "--counts", ",".join(map(str, COUNTS)), "--test-per-class", "2", "--kimg", "0.032", "--steps", "4",
-            "--fit-config", str(fit_config), "--out", str(out)]
+            "--set-size", "1", "--fit-config", str(fit_config), "--out", str(out)]
     assert bench.main(argv) == 0
     printed = capsys.readouterr()
     results = json.loads((out / "results.json").read_text())
