@@ -88,7 +88,8 @@ SOURCES = {"synth-balance": "synth", "synth-half": "synth", "interp-balance": "i
 """Which synthetic set an arm draws on: the `synth` arms share one `synth --balance` output per seed."""
 ADDED_SHARE = {"oversample-synth": 0.25, "oversample-checked": 0.25}
 """Arms whose synthetic images come on top of a balanced real pool, at this share of every batch:
-`oversample-synth` = `oversample` + 25% `synth --balance` images."""
+`oversample-synth` = `oversample` + 25% `synth --balance` images; `oversample-checked` the same with the
+images `check_synthetic` keeps."""
 CHECK_SEED = 100
 """`oversample-checked`: the checking classifier's seed is the run's seed + this (not the arms' own seed)."""
 METRICS = {"acsa": "ACSA", "macro_f1": "macro-F1", "g_mean": "G-mean", "rare_recall": "recall, 5 rarest"}
