@@ -259,11 +259,10 @@ def arm_pools(arm: str, x: np.ndarray, y: np.ndarray, seed: int, synthetic: dict
 
 
 def check_synthetic(x: np.ndarray, y: np.ndarray, sx: np.ndarray, sy: np.ndarray, common: dict) -> np.ndarray:
-    """Mask of the synthetic images (sx, sy) that a classifier trained like the `oversample` arm, but with seed
-    + CHECK_SEED, assigns to their own class: GAN samples that drifted into another class are left out."""
-    counts = np.bincount(y)
-    idx = oversample_indices(y, [int(counts.max())] * len(counts), common["seed"])
-    model = train_classifier(x[idx], y[idx], **{**common, "seed": common["seed"] + CHECK_SEED})
+    """Mask of the synthetic images (sx, sy) that a classifier trained on the `oversample` arm's pool, but with
+    seed + CHECK_SEED, assigns to their own class: GAN samples that drifted into another class are left out."""
+    xo, yo, _ = arm_pools("oversample", x, y, common["seed"], {})
+    model = train_classifier(xo, yo, **{**common, "seed": common["seed"] + CHECK_SEED})
     return predict(model, sx) == sy
 
 
@@ -389,12 +388,10 @@ def markdown_table(results: dict) -> str:
         head = ("Memorisation: share of each class's synthetic images whose nearest training image (16×16 pixels) "
                 "is closer than 99% of training images are to each other (`NearestReal`), mean over seeds:")
         out += ["", head, "", "\n".join(rows)]
-        checked = [run["synthetic"]["synth-balance"]["checked"] for run in runs
-                   if "checked" in run["synthetic"].get("synth-balance", {})]
+        checked = [(s["checked"]["kept_per_class"], s["per_class"]) for run in runs
+                   if "checked" in (s := run["synthetic"].get("synth-balance", {}))]
         if checked:
-            made = [run["synthetic"]["synth-balance"]["per_class"] for run in runs
-                    if "checked" in run["synthetic"]["synth-balance"]]
-            share = [np.mean([k["kept_per_class"][c] / m[c] for k, m in zip(checked, made)]) for c in shown]
+            share = [np.mean([kept[c] / made[c] for kept, made in checked]) for c in shown]
             share = [f"class {results['classes'][c]} {100 * v:.0f}%" for c, v in zip(shown, share)]
             out += ["", "oversample-checked: share of each class's synth-balance images the checking classifier "
                         "assigns to their class, mean over seeds: " + ", ".join(share) + "."]
